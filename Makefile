@@ -1,0 +1,47 @@
+# The two commands of the README. Everything is installed into .venv/ from the package registries.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+REF_VENV := .venv-ref
+REF_STAMP := $(REF_VENV)/.installed
+
+.PHONY: demo test test-all bench bench-model ref-venv fixtures clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The published weights and the BlazeFace model ship as data files of this wheel; its code and its
+	# dependencies (keras, onnxruntime, GUI OpenCV) are never imported, so they are not installed.
+	$(PY) -m pip install --quiet --no-deps open-rppg==0.1.1
+	$(PY) -m model.weights --check
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/pulsepipe demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m ''
+
+# The published implementation with its own dependencies, for the parity fixtures and the benchmarks only.
+$(REF_STAMP): Makefile
+	$(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(REF_VENV)/bin/python -m pip install --quiet open-rppg==0.1.1 jax==0.10.2 opencv-python-headless h5py
+	touch $@
+
+ref-venv: $(REF_STAMP)
+
+fixtures: $(STAMP) $(REF_STAMP)
+	$(REF_VENV)/bin/python tests/fixtures/make_me_parity.py tests/fixtures/me_parity.npz
+
+bench: $(STAMP) $(REF_STAMP)
+	$(PY) bench/bench_model.py --ref-python $(REF_VENV)/bin/python
+	$(PY) bench/bench_video.py --ref-python $(REF_VENV)/bin/python
+
+clean:
+	rm -rf $(VENV) $(REF_VENV) *.egg-info

@@ -1,0 +1,58 @@
+"""ME-rPPG hyper-parameters: the published network (`InfinitePulse([2]*4)` of open-rppg 0.1.1)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MEConfig:
+    n_blocks: int = 4  # temporal-spatial blocks (TSB); each ends with a 2x2 stride-2 downsample
+    layers_per_block: int = 2  # SSConv layers per block
+    filters: int = 32  # K, feature channels of every block
+    d_state: int = 128  # N, SSD state size
+    expand: int = 2  # E, Mamba-2 inner width = E * model width
+    block_k_conv: int = 12  # causal depthwise conv width of the block Mamba-2 layers
+    head_k_conv: int = 4  # ... and of the two head Mamba-2 layers
+    head_width: int = 32  # width of the head (out_proj and its Mamba-2 layers)
+    head_layers: int = 2  # Mamba-2 layers in the head
+    chunk: int = 160  # L, frames per chunk (SSD chunk and TN linear-trend window)
+    image: int = 36  # H = W, face crop size
+    channels: int = 3  # RGB
+    fps: float = 30.0  # frame rate the weights were trained at
+    tn_eps: float = 2e-6  # TN variance floor
+    norm_eps: float = 1e-5  # gated RMSNorm epsilon
+
+    @property
+    def tn_half_life(self) -> float:
+        """Half-life (s) of TN flow's recursive moving average: half a chunk."""
+        return self.chunk / self.fps / 2
+
+    @property
+    def block_d_model(self) -> int:
+        """Width entering a block Mamba-2 layer: SSConv's conv1 widens K to 2K before the spatial mean."""
+        return 2 * self.filters
+
+    @property
+    def block_headdim(self) -> int:  # P of the block layers
+        return self.filters
+
+    @property
+    def head_headdim(self) -> int:  # P of the head layers
+        return self.head_width
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Spatial size entering each block: 36, 18, 9, 5 ('same' stride-2 downsampling rounds up)."""
+        out, s = [], self.image
+        for _ in range(self.n_blocks):
+            out.append(s)
+            s = math.ceil(s / 2)
+        return tuple(out)
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return (self.image, self.image, self.channels)
+
+
+ME = MEConfig()

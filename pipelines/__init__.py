@@ -1,0 +1,1 @@
+"""pulsepipe: pipelines."""

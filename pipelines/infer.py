@@ -1,0 +1,126 @@
+"""Heart rate from one video or image folder: decode, face crop, 30 fps, BVP model, HR and SQI.
+
+Prints the heart rate and the signal quality index, and writes NAME.bvp.csv (time, BVP) and NAME.png
+(waveform and spectrum) into --out. Errors are one line naming the file and the reason, with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.predictors import FPS, MODEL_NAMES, make_predictor
+from transforms import signal
+from transforms.face_crops import iter_face_crops
+from transforms.video import VideoError
+
+MIN_SECONDS = 2.0
+
+
+class InferError(Exception):
+    """A video that decodes but cannot give a heart rate (no face, too short)."""
+
+
+@dataclass(frozen=True)
+class InferResult:
+    source: str
+    model: str
+    hr_bpm: float
+    sqi: float
+    timestamps: np.ndarray  # (T,) seconds at 30 fps
+    bvp: np.ndarray  # (T,) model output, zero where no face
+    face_fraction: float
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", help="a video file (mp4, avi, mov, mkv, ...) or a folder of image frames")
+    p.add_argument("--model", choices=MODEL_NAMES, default="me-chunk", help="BVP model (default: me-chunk)")
+    p.add_argument("--weights", default="rlap", help="ME-rPPG weights: rlap, pure or a .weights.h5 path (default: rlap)")
+    p.add_argument("--out", default=".", help="folder for NAME.bvp.csv and NAME.png (default: current folder)")
+    p.add_argument("--image-fps", type=float, default=FPS, help="frame rate of an image folder (default: 30)")
+    p.add_argument("--detect-every", type=int, default=5, help="run face detection every k frames (default: 5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def infer_video(
+    path: str, *, model: str = "me-chunk", weights: str = "rlap", image_fps: float = FPS,
+    detect_every: int = 5, progress: bool = False, detector=None,
+) -> InferResult:
+    """Run one model over one video; raises VideoError (unreadable input) or InferError (no usable signal).
+
+    detector: a transforms.face.FaceDetector to reuse across videos (one is opened per call otherwise).
+    """
+    predictor = make_predictor(model, weights)
+    times, found = [], []
+    for block in iter_face_crops(path, detect_every=detect_every, image_fps=image_fps,
+                                 detector=detector, progress=progress):
+        predictor.push(block.crops, block.face_found)
+        times.append(block.timestamps)
+        found.append(block.face_found)
+    t = np.concatenate(times) if times else np.zeros(0)
+    face_found = np.concatenate(found) if found else np.zeros(0, bool)
+    duration = len(t) / FPS
+    if duration < MIN_SECONDS:
+        raise InferError(f"{path}: clip is {duration:.2f} s long; at least {MIN_SECONDS:.0f} s are needed")
+    if not face_found.any():
+        raise InferError(f"{path}: no face found in any of {len(t)} frames")
+    if face_found.sum() / FPS < MIN_SECONDS:
+        raise InferError(f"{path}: a face is visible for only {face_found.sum() / FPS:.2f} s; at least {MIN_SECONDS:.0f} s are needed")
+    bvp = predictor.finish()
+    hr, sqi = signal.heart_rate(bvp[face_found], FPS)
+    return InferResult(path, model, hr, sqi, t, bvp, float(face_found.mean()))
+
+
+def write_outputs(result: InferResult, out_dir: Path, stem: str | None = None) -> tuple[Path, Path]:
+    """Write STEM.bvp.csv and STEM.png (default stem: the video's name) into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or Path(result.source.rstrip("/")).stem
+    csv_path, png_path = out_dir / f"{stem}.bvp.csv", out_dir / f"{stem}.png"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["t_s", "bvp"])
+        w.writerows(zip(np.round(result.timestamps, 6), np.round(result.bvp, 7)))
+    plot_bvp(result, png_path)
+    return csv_path, png_path
+
+
+def plot_bvp(result: InferResult, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.signal import welch
+
+    filtered = signal.postprocess_bvp(result.bvp, FPS)
+    f, p = welch(filtered, FPS, nperseg=min(len(filtered), 512), nfft=8192)
+    fig, (ax_wave, ax_spec) = plt.subplots(2, 1, figsize=(10, 6), constrained_layout=True)
+    ax_wave.plot(result.timestamps, filtered, lw=0.8)
+    ax_wave.set(xlabel="time (s)", ylabel="BVP (band-passed, z-scored)",
+                title=f"{Path(result.source).name}: {result.model}, HR {result.hr_bpm:.1f} BPM, SQI {result.sqi:.2f}")
+    band = (f >= 0.5) & (f <= 3.0)
+    ax_spec.plot(f[band] * 60, p[band], lw=1)
+    ax_spec.axvline(result.hr_bpm, color="C3", ls="--", label=f"{result.hr_bpm:.1f} BPM")
+    ax_spec.set(xlabel="frequency (BPM)", ylabel="power", title="Welch spectrum")
+    ax_spec.legend()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        result = infer_video(
+            args.video, model=args.model, weights=args.weights, image_fps=args.image_fps,
+            detect_every=args.detect_every, progress=not args.no_progress,
+        )
+    except (VideoError, InferError) as e:
+        print(f"pulsepipe infer: error: {e}", file=sys.stderr)
+        return 2
+    csv_path, png_path = write_outputs(result, Path(args.out))
+    print(f"{args.video}: HR {result.hr_bpm:.1f} BPM, SQI {result.sqi:.2f} ({args.model}, "
+          f"{len(result.bvp)} frames at 30 fps, face in {100 * result.face_fraction:.0f}%)")
+    print(f"wrote {csv_path} and {png_path}")
+    return 0

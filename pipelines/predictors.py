@@ -1,0 +1,106 @@
+"""Streaming BVP predictors over 30 fps face crops: ME-rPPG (chunk, flow) and the GREEN/CHROM/POS baselines.
+
+Every predictor takes crops block by block (`push`) and returns the whole recording's BVP at `finish`, so
+a video of any length passes in memory bounded by one chunk of crops plus one float per frame. Frames
+without a face enter the model as zeros (as in the published implementation) and their BVP is zeroed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from transforms.baselines import BASELINES, rgb_means
+
+FPS = 30.0
+ME_NAMES = ("me-chunk", "me-flow")
+MODEL_NAMES = ME_NAMES + tuple(BASELINES)
+
+
+def make_predictor(name: str, weights: str = "rlap"):
+    """A fresh predictor for one recording. `weights` (rlap, pure or a path) applies to ME-rPPG only."""
+    if name == "me-chunk":
+        return MEChunkPredictor(_load_me(weights))
+    if name == "me-flow":
+        return MEFlowPredictor(_load_me(weights))
+    if name in BASELINES:
+        return BaselinePredictor(name)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def _load_me(weights: str):
+    import model
+
+    return model.load("me-rppg", weights=weights)
+
+
+class MEChunkPredictor:
+    """ME-rPPG chunk mode: 160-frame chunks through the jitted network, state carried between them."""
+
+    def __init__(self, me):
+        import model
+
+        self._apply = model.apply_chunk
+        self._me = me
+        self._chunk = me.cfg.chunk
+        self._state = me.initial_state
+        self._pending: list[np.ndarray] = []
+        self._pending_found: list[np.ndarray] = []
+        self._out: list[np.ndarray] = []
+
+    def push(self, crops: np.ndarray, face_found: np.ndarray) -> None:
+        self._pending.append(np.where(face_found[:, None, None, None], crops, 0).astype(np.uint8))
+        self._pending_found.append(face_found)
+        n = sum(len(p) for p in self._pending)
+        if n >= self._chunk:
+            frames, found = np.concatenate(self._pending), np.concatenate(self._pending_found)
+            full = n - n % self._chunk
+            self._run(frames[:full], found[:full])
+            self._pending, self._pending_found = [frames[full:]], [found[full:]]
+
+    def _run(self, frames: np.ndarray, found: np.ndarray) -> None:
+        # one chunk per call keeps a single compiled shape whatever the video length
+        for s in range(0, len(frames), self._chunk):
+            bvp, self._state = self._apply(self._me.params, frames[s : s + self._chunk], self._state)
+            self._out.append(np.asarray(bvp, dtype=np.float64) * found[s : s + self._chunk])
+
+    def finish(self) -> np.ndarray:
+        frames = np.concatenate(self._pending) if self._pending else np.zeros((0, 36, 36, 3), np.uint8)
+        if len(frames):
+            self._run(frames, np.concatenate(self._pending_found))
+        self._pending, self._pending_found = [], []
+        return np.concatenate(self._out) if self._out else np.zeros(0)
+
+
+class MEFlowPredictor:
+    """ME-rPPG flow mode: one frame per call, constant state, as a real-time client would run it."""
+
+    def __init__(self, me):
+        import model
+
+        self._step = model.flow_step
+        self._me = me
+        self._state = me.initial_state
+        self._out: list[float] = []
+
+    def push(self, crops: np.ndarray, face_found: np.ndarray) -> None:
+        for crop, found in zip(crops, face_found):
+            bvp, self._state = self._step(self._me.params, crop if found else np.zeros_like(crop), self._state, 1.0 / FPS)
+            self._out.append(float(np.asarray(bvp).reshape(-1)[0]) if found else 0.0)
+
+    def finish(self) -> np.ndarray:
+        return np.asarray(self._out, dtype=np.float64)
+
+
+class BaselinePredictor:
+    """GREEN, CHROM or POS on the spatial mean colour of each face crop."""
+
+    def __init__(self, name: str):
+        self._method = BASELINES[name]
+        self._means: list[np.ndarray] = []
+
+    def push(self, crops: np.ndarray, face_found: np.ndarray) -> None:
+        self._means.append(rgb_means(crops, face_found))
+
+    def finish(self) -> np.ndarray:
+        if not self._means:
+            return np.zeros(0)
+        return self._method(np.concatenate(self._means), FPS)

@@ -1,0 +1,127 @@
+"""ME-rPPG structure: chunk splitting, partial chunks, batching, input checks, parameter count.
+
+These run the published weights on a small configuration (12x12 frames, 16-frame chunks) to keep
+compiles and runs short; the weights do not depend on either size. Parity at full size is in
+test_model_parity.py.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.config import ME, MEConfig
+from model.me_rppg import MEState, apply_chunk, flow_step, init_state, param_count, state_bytes
+
+SMALL = MEConfig(chunk=16, image=12)
+
+
+@pytest.fixture(scope="module")
+def params():
+    from model.weights import load_params
+
+    return jax.tree.map(jnp.asarray, load_params("rlap"))
+
+
+def _frames(t, batch=None, seed=0):
+    shape = (t, 12, 12, 3) if batch is None else (batch, t, 12, 12, 3)
+    return np.random.default_rng(seed).integers(60, 200, shape, dtype=np.uint8)
+
+
+def _close(a, b, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+def test_split_at_chunk_boundaries_equals_one_pass(params):
+    frames = _frames(53)  # 3 whole chunks and 5 frames
+    s0 = init_state(1, SMALL)
+    y_all, s_all = apply_chunk(params, frames, s0, cfg=SMALL)
+    y_a, s_a = apply_chunk(params, frames[:32], s0, cfg=SMALL)
+    y_b, s_b = apply_chunk(params, frames[32:], s_a, cfg=SMALL)
+    assert y_all.shape == (53,)
+    _close(jnp.concatenate([y_a, y_b]), y_all)
+    jax.tree.map(_close, s_b, s_all)  # both: the state after the last whole chunk (frame 48)
+
+
+def test_partial_chunk_does_not_change_earlier_outputs_or_state(params):
+    frames = _frames(21, batch=2)
+    s0 = init_state(2, SMALL)
+    y, s = apply_chunk(params, frames, s0, cfg=SMALL)
+    y16, s16 = apply_chunk(params, frames[:, :16], s0, cfg=SMALL)
+    assert y.shape == (2, 21)
+    _close(y[:, :16], y16)
+    jax.tree.map(_close, s, s16)  # the padded chunk's state is discarded
+
+
+def test_jit_equals_no_jit(params):
+    frames = _frames(21, batch=2)
+    s0 = init_state(2, SMALL)
+    y_j, s_j = apply_chunk(params, frames, s0, cfg=SMALL)
+    with jax.disable_jit():
+        y, s = apply_chunk(params, frames, s0, cfg=SMALL)
+    _close(y, y_j, 1e-4)
+    jax.tree.map(lambda a, b: _close(a, b, 1e-4), s, s_j)
+
+
+def test_flow_batch_equals_single_streams(params):
+    frames = _frames(3, batch=2, seed=1)
+    s2, s1 = init_state(2, SMALL), [init_state(1, SMALL)] * 2
+    for i in range(3):
+        y2, s2 = flow_step(params, frames[:, i], s2, cfg=SMALL)
+        for k in range(2):
+            y1, s1[k] = flow_step(params, frames[k, i], s1[k], cfg=SMALL)
+            _close(y2[k], y1)
+    assert y2.shape == (2,) and y1.shape == ()
+    y_slow, _ = flow_step(params, frames[0, 0], init_state(1, SMALL), dt=1 / 15, cfg=SMALL)
+    assert not np.allclose(y_slow, flow_step(params, frames[0, 0], init_state(1, SMALL), cfg=SMALL)[0])
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        np.zeros((10, 36, 36, 3), np.float32),  # not uint8
+        np.zeros((10, 32, 32, 3), np.uint8),  # wrong crop size
+        np.zeros((10, 36, 36, 4), np.uint8),  # not RGB
+        np.zeros((36, 36, 3), np.uint8),  # a single frame is not a run of frames
+        np.zeros((1, 2, 10, 36, 36, 3), np.uint8),  # too many axes
+        np.zeros((0, 36, 36, 3), np.uint8),  # no frames
+    ],
+)
+def test_apply_chunk_rejects_bad_frames(params, frames):
+    with pytest.raises(ValueError):
+        apply_chunk(params, frames, init_state(1))
+
+
+def test_bad_flow_frame_and_state_batch(params):
+    with pytest.raises(ValueError):
+        flow_step(params, np.zeros((10, 36, 36, 3), np.uint8)[:, :20], init_state(1))
+    with pytest.raises(ValueError):
+        flow_step(params, np.zeros((36, 36, 3), np.int32), init_state(1))
+    with pytest.raises(ValueError, match="batch"):
+        apply_chunk(params, np.zeros((3, 10, 36, 36, 3), np.uint8), init_state(2))
+
+
+def test_parameter_count_matches_file(params):
+    from model.weights import h5_value_count
+
+    assert param_count(params) == h5_value_count("rlap") == 604_909
+    from model.weights import load_params
+
+    assert param_count(load_params("pure")) == h5_value_count("pure")
+
+
+def test_load_and_initial_state():
+    import model
+
+    m = model.load()
+    assert m.cfg == ME and param_count(m.params) == 604_909
+    s = m.init_state(3)
+    assert s.blocks[0][0].tn.mean.shape == (3, 36, 36, 32)
+    assert s.head[1].ssd.shape == (3, 2, 32, 128) and s.blocks[3][1].mamba.conv.shape == (3, 12, 384)
+    np.testing.assert_array_equal(s.blocks[1][0].tn.var[2], m.initial_state.blocks[1][0].tn.var[0])
+    assert float(jnp.abs(m.initial_state.blocks[0][1].tn.mean).mean()) > 0.1  # the published, non-zero state
+    zeros = MEState.zeros(3)
+    assert jax.tree.structure(zeros) == jax.tree.structure(s)
+    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(zeros), jax.tree.leaves(s)))
+    assert 1.5e6 < state_bytes(s) / 3 < 1.7e6  # about 1.6 MB per stream in float32
+    with pytest.raises(ValueError):
+        model.load("physnet")

@@ -1,0 +1,84 @@
+"""One recording to 30 fps face crops, streaming: decode, track the face, resample by timestamps.
+
+Crops are taken at the source rate (the tracker sees every real frame) and then resampled, so a 25 fps
+or variable-rate source becomes exact 30 fps without ever holding the video: memory is one decode block.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from transforms.face import FaceDetector, FaceTracker, track_faces
+from transforms.resample import Resampler
+from transforms.video import VideoError, iter_blocks, probe
+
+FPS = 30.0
+
+
+class CropBlock(NamedTuple):
+    timestamps: np.ndarray  # (n,) float64 seconds on the 30 fps grid
+    crops: np.ndarray  # (n, 36, 36, 3) uint8, zeros where no face
+    face_found: np.ndarray  # (n,) bool
+    boxes: np.ndarray  # (n, 4) float64 crop box (y0, y1, x0, x1) in source pixels, NaN where no face
+
+
+def iter_face_crops(
+    path: str | os.PathLike, *, detect_every: int = 5, image_fps: float | None = FPS,
+    timestamps: Sequence[float] | None = None, block: int = 64, detector: FaceDetector | None = None,
+    progress: bool = False,
+) -> Iterator[CropBlock]:
+    """Blocks of 30 fps face crops for one video file or image folder.
+
+    image_fps / timestamps: frame times of an image folder (ignored for video files, which carry their own).
+    detector: a FaceDetector to reuse across recordings; one is opened and closed here otherwise.
+    Raises transforms.video.VideoError for unreadable input.
+    """
+    is_folder = os.path.isdir(path)
+    folder_times = dict(fps=None if timestamps is not None else image_fps, timestamps=timestamps) if is_folder else {}
+    bar = _progress_bar(path, folder_times) if progress else None
+    own_detector = detector is None
+    detector = FaceDetector() if own_detector else detector
+    crops_rs, side_rs = Resampler(FPS, method="linear"), Resampler(FPS, method="nearest")
+    try:
+        blocks = iter_blocks(path, block, **folder_times)
+        for t, crops, found, boxes in track_faces(blocks, FaceTracker(detector, every=detect_every)):
+            if bar is not None:
+                bar.update(len(t))
+            out = _resampled(crops_rs.push(t, crops), side_rs.push(t, _side(found, boxes)))
+            if out is not None:
+                yield out
+        out = _resampled(crops_rs.flush(), side_rs.flush())
+        if out is not None:
+            yield out
+    finally:
+        if own_detector:
+            detector.close()
+        if bar is not None:
+            bar.close()
+
+
+def _side(found: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    # face_found and the box travel together through one nearest-neighbour resampler
+    return np.concatenate([found[:, None].astype(np.float64), boxes], axis=1)
+
+
+def _resampled(crops_out, side_out) -> CropBlock | None:
+    (t, crops), (_, side) = crops_out, side_out
+    if len(t) == 0:
+        return None
+    found = side[:, 0] > 0.5
+    # a grid frame blended from a face frame and a no-face frame is not a clean crop: drop its face flag
+    crops = np.where(found[:, None, None, None], crops, 0).astype(np.uint8)
+    return CropBlock(t, crops, found, side[:, 1:])
+
+
+def _progress_bar(path, folder_times):
+    from tqdm import tqdm
+
+    try:
+        total = probe(path, **folder_times).frames
+    except VideoError:  # the decode itself reports it, with its reason
+        total = None
+    return tqdm(total=total, unit="frame", desc=os.path.basename(str(path).rstrip("/")), leave=False)
