@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.infer import infer_video, write_outputs
+from pipelines.infer import InferError, infer_models, write_outputs
 from transforms import signal
 from transforms.face import FaceDetector
 from transforms.synth import write_cohort
+from transforms.video import VideoError
 
 DEMO_MODELS = ("me-chunk", "pos")
 
@@ -46,15 +47,15 @@ def measure_cohort(cohort_dir: Path, models=DEMO_MODELS, results_dir: Path | Non
             video = cohort_dir / rec["video"]
             row = {"subject_id": rec["subject_id"], "recording_id": rec["recording_id"],
                    "true_hr": true_hr(video.parent / "ppg.csv")}
+            try:
+                results = infer_models(str(video), models, detector=detector)
+            except (VideoError, InferError) as e:  # a failed recording is reported in the table, never dropped
+                results = {}
+                row["error"] = str(e)
             for name in models:
-                try:
-                    result = infer_video(str(video), model=name, detector=detector)
-                except Exception as e:  # noqa: BLE001 - a failed recording is reported in the table, never dropped
-                    row[name], row[f"{name}_error"] = float("nan"), str(e)
-                    continue
-                row[name] = result.hr_bpm
-                if results_dir is not None:
-                    write_outputs(result, results_dir / name, stem=rec["recording_id"])
+                row[name] = results[name].hr_bpm if name in results else float("nan")
+                if results_dir is not None and name in results:
+                    write_outputs(results[name], results_dir / name, stem=rec["recording_id"])
             log(f"  {rec['recording_id']}: truth {row['true_hr']:6.1f}  " +
                 "  ".join(f"{m} {row[m]:6.1f}" for m in models))
             rows.append(row)
@@ -89,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     rows = measure_cohort(out / "cohort", results_dir=out / "results")
     print()
     print(format_table(rows))
-    failed = [(r["recording_id"], r[k]) for r in rows for k in r if k.endswith("_error")]
+    failed = [(r["recording_id"], r["error"]) for r in rows if "error" in r]
     for rec, err in failed:
         print(f"failed: {rec}: {err}")
     print(f"\nBVP waveforms and spectra: {out / 'results'}/<model>/<recording>.png; "

@@ -54,11 +54,21 @@ def infer_video(
 
     detector: a transforms.face.FaceDetector to reuse across videos (one is opened per call otherwise).
     """
-    predictor = make_predictor(model, weights)
+    return infer_models(path, [model], weights=weights, image_fps=image_fps, detect_every=detect_every,
+                        progress=progress, detector=detector)[model]
+
+
+def infer_models(
+    path: str, models, *, weights: str = "rlap", image_fps: float = FPS, detect_every: int = 5,
+    progress: bool = False, detector=None,
+) -> dict[str, InferResult]:
+    """Several models over one decode pass of one video: {model name: InferResult}."""
+    predictors = {name: make_predictor(name, weights) for name in models}
     times, found = [], []
     for block in iter_face_crops(path, detect_every=detect_every, image_fps=image_fps,
                                  detector=detector, progress=progress):
-        predictor.push(block.crops, block.face_found)
+        for predictor in predictors.values():
+            predictor.push(block.crops, block.face_found)
         times.append(block.timestamps)
         found.append(block.face_found)
     t = np.concatenate(times) if times else np.zeros(0)
@@ -69,10 +79,14 @@ def infer_video(
     if not face_found.any():
         raise InferError(f"{path}: no face found in any of {len(t)} frames")
     if face_found.sum() / FPS < MIN_SECONDS:
-        raise InferError(f"{path}: a face is visible for only {face_found.sum() / FPS:.2f} s; at least {MIN_SECONDS:.0f} s are needed")
-    bvp = predictor.finish()
-    hr, sqi = signal.heart_rate(bvp[face_found], FPS)
-    return InferResult(path, model, hr, sqi, t, bvp, float(face_found.mean()))
+        raise InferError(f"{path}: a face is visible for only {face_found.sum() / FPS:.2f} s; "
+                         f"at least {MIN_SECONDS:.0f} s are needed")
+    results = {}
+    for name, predictor in predictors.items():
+        bvp = predictor.finish()
+        hr, sqi = signal.heart_rate(bvp[face_found], FPS)
+        results[name] = InferResult(path, name, hr, sqi, t, bvp, float(face_found.mean()))
+    return results
 
 
 def write_outputs(result: InferResult, out_dir: Path, stem: str | None = None) -> tuple[Path, Path]:

@@ -13,7 +13,9 @@ the order of the slices they stand for.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from typing import Iterable, Iterator, NamedTuple
 
 import cv2
@@ -52,7 +54,8 @@ class FaceDetector:
             min_detection_confidence=min_score,
             min_suppression_threshold=nms_iou,
         )
-        self._detector = vision.FaceDetector.create_from_options(options)
+        with _native_stderr_silenced():
+            self._detector = vision.FaceDetector.create_from_options(options)
 
     def detect(self, frame_rgb: np.ndarray) -> Box | None:
         """The highest-scoring face in an RGB uint8 frame (H, W, 3), or None."""
@@ -69,7 +72,8 @@ class FaceDetector:
 
     def close(self) -> None:
         if self._detector is not None:
-            self._detector.close()
+            with _native_stderr_silenced():
+                self._detector.close()
             self._detector = None
 
     def __enter__(self) -> FaceDetector:
@@ -77,6 +81,25 @@ class FaceDetector:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Mute file descriptor 2 while MediaPipe's LiteRT starts or stops a graph.
+
+    It prints a dozen INFO banners per detector from C++, with no switch to turn them off
+    (google-ai-edge/mediapipe#5737); Python exceptions still propagate as usual.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
 
 
 def crop_box(box: Box, frame_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -134,7 +157,8 @@ class FaceTracker:
             raise ValueError(f"every must be >= 1, got {every}")
         self.detector = detector
         self.every, self.size, self.lost_after_s = every, size, lost_after_s
-        self.process_noise, self.measurement_noise, self.move_fraction = process_noise, measurement_noise, move_fraction
+        self.process_noise, self.measurement_noise = process_noise, measurement_noise
+        self.move_fraction = move_fraction
         self._index = 0  # frames seen
         self._last_t: float | None = None
         self._filters: list[_Kalman1D] | None = None
@@ -198,6 +222,8 @@ def track_faces(blocks: Iterable[tuple[np.ndarray, np.ndarray]],
     """Run a tracker over `iter_blocks` output: per block (timestamps (n,), crops (n, 36, 36, 3) uint8,
     face_found bool (n,), crop boxes float64 (n, 4))."""
     for timestamps, frames in blocks:
+        if len(frames) == 0:
+            continue
         results = [tracker(frame, t) for t, frame in zip(timestamps, frames)]
         crops, found, boxes = zip(*results)
         yield timestamps, np.stack(crops), np.array(found, bool), np.stack(boxes)

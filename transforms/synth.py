@@ -420,7 +420,8 @@ def parse_codec(name: str) -> VideoCodec:
     to test robustness to compression.
     """
     if name == "h264-lossless":
-        return VideoCodec(name, "libx264rgb", "rgb24", (("qp", "0"), ("preset", "veryfast")), "mkv", True)
+        # ultrafast: 4x the encode and 3x the decode speed of veryfast for 15% more bytes (CAVLC, no B-frames)
+        return VideoCodec(name, "libx264rgb", "rgb24", (("qp", "0"), ("preset", "ultrafast")), "mkv", True)
     if name == "ffv1":
         return VideoCodec(name, "ffv1", "bgr0", (("level", "3"), ("slicecrc", "1")), "mkv", True)
     crf = re.fullmatch(r"h264-crf(\d{1,2})", name)

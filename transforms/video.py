@@ -184,7 +184,8 @@ def _iter_video(path: Path, start: int) -> Iterator[tuple[float, np.ndarray]]:
                 pts0 = frame.pts if pts0 is None else pts0
                 t = float((frame.pts - pts0) * frame.time_base)  # exact Fraction, then one rounding
             if t <= last_t:
-                raise VideoError(path, f"non-monotonic timestamps at frame {index}: {t:.6f} s after {last_t:.6f} s")
+                raise VideoError(path, f"non-monotonic timestamps at frame {index}: "
+                                       f"{t:.6f} s after {last_t:.6f} s")
             last_t = t
             if index >= start:  # frames before start are decoded (timestamps, checks) but not converted
                 rgb = frame.to_ndarray(format="rgb24")  # same conversion as the published process_video
