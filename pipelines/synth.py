@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--codec",
         type=_codec,
         default=None,
-        help="h264-lossless (libx264rgb qp 0, .mkv), ffv1 (.mkv; .avi for ubfc-rppg) or h264-crf<N> (lossy, .mp4); "
+        help="h264-lossless (libx264rgb qp 0, exact RGB, .mp4), ffv1 (exact RGB, .avi) or h264-crf<N> (lossy, .mp4); "
         "default h264-lossless for synthetic, ffv1 for ubfc-rppg",
     )
 

@@ -25,7 +25,7 @@ Layout ``synthetic`` (this project's own)::
 
     OUT/cohort.json                       seed, parameters, package version, recordings (ids, paths,
                                           true mean HR)
-    OUT/<subject_id>/<recording_id>/video.mkv   (video.mp4 for lossy h264-crfN)
+    OUT/<subject_id>/<recording_id>/video.mp4   (video.avi for --codec ffv1)
     OUT/<subject_id>/<recording_id>/ppg.csv     header ``t_s,ppg``; one row per PPG sample at
                                                 `PPG_RATE_HZ`, t_s from 0, spanning the video
     OUT/<subject_id>/<recording_id>/meta.json   ids, seed, fps, frame count, size, codec, true mean HR,
@@ -191,29 +191,36 @@ class RecordingSpec:
 
 
 def beat_onsets(spec: RecordingSpec) -> np.ndarray:
-    """Onset times of the beats (s), shape (n_beats,), from one beat before t=0 to past the end.
+    """Onset times of the beats (s), shape (n_beats,), from before t=0 to past the end.
 
-    RR_k = mean_RR * (1 + rsa_depth * sin(2 pi f_resp t_k + phase) + rr_jitter * N(0, 1)).
+    RR_k = mean_RR * (1 + rsa_depth * sin(2 pi f_resp t_k + phase) + rr_jitter * N(0, 1)), then the
+    series is stretched so its `mean_hr_bpm` over [0, seconds] is target_hr_bpm: the cohort's HR strata
+    hold for the recorded truth, not only for the targets.
     """
     rng = spec.rng(_BEATS)
     mean_rr = 60.0 / spec.target_hr_bpm
     phase = rng.uniform(0.0, 2 * np.pi)
     t = -mean_rr * (1.0 + rng.uniform())  # random phase of the first beat relative to the video
     onsets = [t]
-    while t < spec.seconds + 2 * mean_rr:
+    while t < 1.2 * spec.seconds + 3 * mean_rr:  # margin for the stretch below
         rsa = spec.rsa_depth * np.sin(2 * np.pi * spec.resp_rate_hz * t + phase)
         rr = mean_rr * (1.0 + rsa + spec.rr_jitter * rng.standard_normal())
         t += max(rr, 0.5 * mean_rr)  # a negative or tiny RR is not a heartbeat
         onsets.append(t)
-    return np.asarray(onsets)
+    onsets = np.asarray(onsets)
+    for _ in range(6):  # the window's share of the edge beats moves a little with each stretch
+        onsets *= mean_hr_bpm(onsets, spec.seconds) / spec.target_hr_bpm
+    return onsets
 
 
 def mean_hr_bpm(onsets: np.ndarray, seconds: float) -> float:
-    """True mean heart rate over [0, seconds]: 60 / mean RR of the beats starting inside it."""
-    inside = onsets[(onsets >= 0.0) & (onsets <= seconds)]
-    if len(inside) < 2:  # shorter than one beat: fall back to the beats around it
-        inside = onsets
-    return float(60.0 / np.mean(np.diff(inside)))
+    """True mean heart rate over [0, seconds]: the time average of 60 / RR of the beat in progress.
+
+    The same average as the HR line of UBFC's ground truth; it changes smoothly as beats are stretched.
+    """
+    starts, stops = onsets[:-1], onsets[1:]
+    overlap = np.clip(np.minimum(stops, seconds) - np.maximum(starts, 0.0), 0.0, None)  # s of each beat inside
+    return float(np.sum(overlap * 60.0 / (stops - starts)) / np.sum(overlap))
 
 
 # Beat shape as fractions of the beat's RR: (centre, width) of the systolic and the diastolic wave.
@@ -414,16 +421,17 @@ DEFAULT_CODEC = "h264-lossless"
 
 
 def parse_codec(name: str) -> VideoCodec:
-    """`h264-lossless` (libx264rgb qp 0: exact RGB), `ffv1` (exact RGB) or `h264-crf<N>` (lossy yuv420p).
+    """`h264-lossless` (libx264rgb qp 0: exact RGB, .mp4), `ffv1` (exact RGB, .avi) or `h264-crf<N>` (lossy
+    yuv420p, .mp4).
 
     Lossy H.264 zeroes changes of a few DN in static regions, which is where the pulse lives: use it only
     to test robustness to compression.
     """
     if name == "h264-lossless":
         # ultrafast: 4x the encode and 3x the decode speed of veryfast for 15% more bytes (CAVLC, no B-frames)
-        return VideoCodec(name, "libx264rgb", "rgb24", (("qp", "0"), ("preset", "ultrafast")), "mkv", True)
-    if name == "ffv1":
-        return VideoCodec(name, "ffv1", "bgr0", (("level", "3"), ("slicecrc", "1")), "mkv", True)
+        return VideoCodec(name, "libx264rgb", "rgb24", (("qp", "0"), ("preset", "ultrafast")), "mp4", True)
+    if name == "ffv1":  # AVI, as UBFC: its 1/fps time base keeps frame times exact (Matroska rounds to ms)
+        return VideoCodec(name, "ffv1", "bgr0", (("level", "3"), ("slicecrc", "1")), "avi", True)
     crf = re.fullmatch(r"h264-crf(\d{1,2})", name)
     if crf and int(crf.group(1)) <= 51:
         opts = (("crf", crf.group(1)), ("preset", "veryfast"))
