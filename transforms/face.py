@@ -62,7 +62,8 @@ class FaceDetector:
         if self._detector is None:
             raise RuntimeError("FaceDetector is closed")
         image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(frame_rgb))
-        detections = self._detector.detect(image).detections
+        with _native_stderr_silenced():  # LiteRT warns per call about its own input alignment
+            detections = self._detector.detect(image).detections
         if not detections:
             return None
         best = max(detections, key=lambda d: d.categories[0].score)
