@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.infer import InferError, infer_models, write_outputs
+from pipelines.predictors import ModelSet
 from transforms import signal
 from transforms.face import FaceDetector
 from transforms.synth import write_cohort
@@ -42,13 +43,14 @@ def measure_cohort(cohort_dir: Path, models=DEMO_MODELS, results_dir: Path | Non
     """One row per recording: ids, true HR and each model's predicted HR (NaN with the error if it failed)."""
     cohort = json.loads((cohort_dir / "cohort.json").read_text())
     rows = []
+    loaded = ModelSet(models)
     with FaceDetector() as detector:
         for rec in cohort["recordings"]:
             video = cohort_dir / rec["video"]
             row = {"subject_id": rec["subject_id"], "recording_id": rec["recording_id"],
                    "true_hr": true_hr(video.parent / "ppg.csv")}
             try:
-                results = infer_models(str(video), models, detector=detector)
+                results = infer_models(str(video), loaded, detector=detector)
             except (VideoError, InferError) as e:  # a failed recording is reported in the table, never dropped
                 results = {}
                 row["error"] = str(e)

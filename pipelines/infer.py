@@ -10,10 +10,11 @@ import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from pipelines.predictors import FPS, MODEL_NAMES, make_predictor
+from pipelines.predictors import FPS, MODEL_NAMES, ModelSet
 from transforms import signal
 from transforms.face_crops import iter_face_crops
 from transforms.video import VideoError
@@ -54,16 +55,19 @@ def infer_video(
 
     detector: a transforms.face.FaceDetector to reuse across videos (one is opened per call otherwise).
     """
-    return infer_models(path, [model], weights=weights, image_fps=image_fps, detect_every=detect_every,
+    return infer_models(path, ModelSet([model], weights), image_fps=image_fps, detect_every=detect_every,
                         progress=progress, detector=detector)[model]
 
 
 def infer_models(
-    path: str, models, *, weights: str = "rlap", image_fps: float = FPS, detect_every: int = 5,
+    path: str, models: ModelSet | Sequence[str], *, image_fps: float = FPS, detect_every: int = 5,
     progress: bool = False, detector=None,
 ) -> dict[str, InferResult]:
-    """Several models over one decode pass of one video: {model name: InferResult}."""
-    predictors = {name: make_predictor(name, weights) for name in models}
+    """Several models over one decode pass of one video: {model name: InferResult}.
+
+    models: model names (ME-rPPG with the rlap weights), or a ModelSet loaded once for many videos.
+    """
+    predictors = (models if isinstance(models, ModelSet) else ModelSet(models)).predictors()
     times, found = [], []
     for block in iter_face_crops(path, detect_every=detect_every, image_fps=image_fps,
                                  detector=detector, progress=progress):

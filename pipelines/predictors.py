@@ -15,21 +15,33 @@ ME_NAMES = ("me-chunk", "me-flow")
 MODEL_NAMES = ME_NAMES + tuple(BASELINES)
 
 
-def make_predictor(name: str, weights: str = "rlap"):
-    """A fresh predictor for one recording. `weights` (rlap, pure or a path) applies to ME-rPPG only."""
-    if name == "me-chunk":
-        return MEChunkPredictor(_load_me(weights))
-    if name == "me-flow":
-        return MEFlowPredictor(_load_me(weights))
-    if name in BASELINES:
+class ModelSet:
+    """Models loaded once for a whole run; `predictors()` gives fresh per-recording state.
+
+    `weights` (rlap, pure or a path) applies to ME-rPPG, which is read only if one of its modes is asked for.
+    """
+
+    def __init__(self, names, weights: str = "rlap"):
+        self.names = tuple(names)
+        unknown = [n for n in self.names if n not in MODEL_NAMES]
+        if unknown or not self.names:
+            raise ValueError(f"unknown model {unknown or self.names!r}; choose from {', '.join(MODEL_NAMES)}")
+        self._me = None
+        if any(n in ME_NAMES for n in self.names):
+            import model
+
+            self._me = model.load("me-rppg", weights=weights)
+
+    def predictors(self) -> dict:
+        """{name: predictor} with fresh state, for one recording."""
+        return {name: self._make(name) for name in self.names}
+
+    def _make(self, name: str):
+        if name == "me-chunk":
+            return MEChunkPredictor(self._me)
+        if name == "me-flow":
+            return MEFlowPredictor(self._me)
         return BaselinePredictor(name)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-
-
-def _load_me(weights: str):
-    import model
-
-    return model.load("me-rppg", weights=weights)
 
 
 class MEChunkPredictor:
@@ -64,8 +76,13 @@ class MEChunkPredictor:
 
     def finish(self) -> np.ndarray:
         frames = np.concatenate(self._pending) if self._pending else np.zeros((0, 36, 36, 3), np.uint8)
-        if len(frames):
-            self._run(frames, np.concatenate(self._pending_found))
+        n = len(frames)
+        if n:
+            # Pad the tail to a whole chunk by repeating its last frame, exactly as apply_chunk pads a
+            # partial chunk itself, so the tail reuses the one compiled shape instead of compiling anew.
+            padded = np.concatenate([frames, np.repeat(frames[-1:], self._chunk - n, axis=0)])
+            bvp, _ = self._apply(self._me.params, padded, self._state)
+            self._out.append(np.asarray(bvp, dtype=np.float64)[:n] * np.concatenate(self._pending_found))
         self._pending, self._pending_found = [], []
         return np.concatenate(self._out) if self._out else np.zeros(0)
 

@@ -14,6 +14,7 @@ import skimage.data
 
 from pipelines.demo import true_hr
 from pipelines.infer import InferError, infer_models
+from pipelines.predictors import ModelSet
 from transforms import synth
 from transforms.resample import resample_signal
 from transforms.signal import postprocess_bvp
@@ -112,9 +113,26 @@ def test_truncated_video_is_reported(recording, tmp_path):
     assert str(cut) in done.stderr.strip().splitlines()[0]
 
 
-def test_unknown_weights_are_a_clear_error():
+def test_unknown_weights_and_models_are_clear_errors():
     with pytest.raises((ValueError, FileNotFoundError), match="nope"):
-        infer_models("unused.mp4", ["me-chunk"], weights="nope")
+        ModelSet(["me-chunk"], weights="nope")
+    with pytest.raises(ValueError, match="unknown model"):
+        ModelSet(["me-turbo"])
+
+
+def test_chunk_predictor_equals_one_apply_chunk_over_the_whole_video():
+    import model
+
+    me = model.load()
+    frames = np.random.default_rng(5).integers(0, 256, (2 * 160 + 37, 36, 36, 3), dtype=np.uint8)
+    found = np.ones(len(frames), bool)
+    found[100:110] = False  # no-face frames enter as zeros and come out as zeros
+    predictor = ModelSet(["me-chunk"]).predictors()["me-chunk"]
+    for start in range(0, len(frames), 50):  # blocks that straddle chunk boundaries
+        predictor.push(frames[start:start + 50], found[start:start + 50])
+    ours = predictor.finish()
+    expected, _ = model.apply_chunk(me.params, np.where(found[:, None, None, None], frames, 0), me.initial_state)
+    np.testing.assert_allclose(ours, np.asarray(expected) * found, rtol=1e-5, atol=1e-6)
 
 
 def test_no_face_raises_infer_error(tmp_path):
