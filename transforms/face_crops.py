@@ -6,7 +6,7 @@ or variable-rate source becomes exact 30 fps without ever holding the video: mem
 from __future__ import annotations
 
 import os
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -35,28 +35,35 @@ def iter_face_crops(
     detector: a FaceDetector to reuse across recordings; one is opened and closed here otherwise.
     Raises transforms.video.VideoError for unreadable input.
     """
-    is_folder = os.path.isdir(path)
-    folder_times = dict(fps=None if timestamps is not None else image_fps, timestamps=timestamps) if is_folder else {}
+    folder_times = {}
+    if os.path.isdir(path):
+        folder_times = dict(fps=None if timestamps is not None else image_fps, timestamps=timestamps)
     bar = _progress_bar(path, folder_times) if progress else None
     own_detector = detector is None
     detector = FaceDetector() if own_detector else detector
-    crops_rs, side_rs = Resampler(FPS, method="linear"), Resampler(FPS, method="nearest")
     try:
-        blocks = iter_blocks(path, block, **folder_times)
-        for t, crops, found, boxes in track_faces(blocks, FaceTracker(detector, every=detect_every)):
+        for out in face_crops(iter_blocks(path, block, **folder_times), detector, detect_every=detect_every):
             if bar is not None:
-                bar.update(len(t))
-            out = _resampled(crops_rs.push(t, crops), side_rs.push(t, _side(found, boxes)))
-            if out is not None:
-                yield out
-        out = _resampled(crops_rs.flush(), side_rs.flush())
-        if out is not None:
+                bar.update(len(out.timestamps))
             yield out
     finally:
         if own_detector:
             detector.close()
         if bar is not None:
             bar.close()
+
+
+def face_crops(blocks: Iterable[tuple[np.ndarray, np.ndarray]], detector: FaceDetector, *,
+               detect_every: int = 5) -> Iterator[CropBlock]:
+    """30 fps CropBlocks from source blocks of (timestamps_s (n,), frames (n, H, W, 3) uint8 RGB)."""
+    crops_rs, side_rs = Resampler(FPS, method="linear"), Resampler(FPS, method="nearest")
+    for t, crops, found, boxes in track_faces(blocks, FaceTracker(detector, every=detect_every)):
+        out = _resampled(crops_rs.push(t, crops), side_rs.push(t, _side(found, boxes)))
+        if out is not None:
+            yield out
+    out = _resampled(crops_rs.flush(), side_rs.flush())
+    if out is not None:
+        yield out
 
 
 def _side(found: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -77,8 +84,9 @@ def _resampled(crops_out, side_out) -> CropBlock | None:
 def _progress_bar(path, folder_times):
     from tqdm import tqdm
 
-    try:
-        total = probe(path, **folder_times).frames
+    try:  # the bar counts 30 fps output frames, whatever the source rate
+        info = probe(path, **folder_times)
+        total = int(info.duration_s * FPS) + 1 if info.duration_s > 0 else info.frames
     except VideoError:  # the decode itself reports it, with its reason
         total = None
     return tqdm(total=total, unit="frame", desc=os.path.basename(str(path).rstrip("/")), leave=False)
