@@ -1,0 +1,175 @@
+"""Thin engine adapters: run one job step over a list of items on Apache Beam or Ray Data.
+
+A step is a class: heavy setup (a face detector, a model) in `__init__(**kwargs)`, one item per
+`__call__(item: dict) -> dict`, items and results JSON-able. Each job writes its step once; this module
+maps it onto `beam.ParDo` or Ray Data `map` and hands the results back to the driver in input order.
+
+Local defaults start nothing and download nothing: Beam runs on its Python FnApiRunner (never Prism,
+which fetches a binary) with one worker process per core; Ray starts in-process with this machine's
+cores. On a cluster, Beam pipeline options pass through unchanged (--runner=DataflowRunner ...) and
+Ray joins --ray-address.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+
+ENGINES = ("beam", "ray")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    engine: str = "beam"
+    workers: int = 0  # local parallelism; 0: one per core
+    ray_address: str | None = None  # join this Ray cluster instead of starting one in-process
+    pipeline_args: tuple[str, ...] = field(default_factory=tuple)  # Beam pipeline options, passed through
+    num_gpus: float = 0.0  # per worker, for steps that run a model on a GPU
+
+    @property
+    def local_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=ENGINES, default="beam", help="Apache Beam or Ray Data (default: beam)")
+    g.add_argument("--workers", type=int, default=0, help="local worker processes (default: one per core)")
+    g.add_argument("--ray-address", help="address of a running Ray cluster (default: start Ray in-process)")
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    extra = tuple(getattr(args, "pipeline_args", ()) or ())
+    if extra and args.engine != "beam":
+        raise SystemExit(f"pulsepipe: error: unrecognized arguments: {' '.join(extra)} "
+                         "(only --engine beam passes pipeline options through)")
+    return EngineOptions(args.engine, args.workers, args.ray_address, extra)
+
+
+def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions, work_uri: str) -> list[dict]:
+    """Apply step_cls(**step_kwargs) to every item on the chosen engine; results in the order of items.
+
+    work_uri: a folder every worker can write (the job's output): Beam leaves its results there for the
+    driver to read, as a pipeline cannot return values.
+    """
+    if not items:
+        return []
+    if opts.engine == "beam":
+        return _run_beam(step_cls, step_kwargs, items, opts, work_uri)
+    if opts.engine == "ray":
+        return _run_ray(step_cls, step_kwargs, items, opts)
+    raise ValueError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+def _envelopes(items: list[dict]) -> list[str]:
+    # JSON envelopes carry the position, so results come back in input order from any engine
+    return [json.dumps({"index": i, "item": item}, sort_keys=True) for i, item in enumerate(items)]
+
+
+def _in_order(envelopes, n: int) -> list[dict]:
+    results = sorted((json.loads(e) for e in envelopes), key=lambda e: e["index"])
+    if [e["index"] for e in results] != list(range(n)):
+        raise RuntimeError(f"engine returned {len(results)} results for {n} items")
+    return [e["result"] for e in results]
+
+
+# ---- Apache Beam ------------------------------------------------------------------------------------
+
+def _run_beam(step_cls, step_kwargs, items, opts: EngineOptions, work_uri: str) -> list[dict]:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    class StepDoFn(beam.DoFn):
+        def setup(self):
+            self.step = step_cls(**step_kwargs)
+
+        def process(self, envelope: str):
+            e = json.loads(envelope)
+            yield json.dumps({"index": e["index"], "result": self.step(e["item"])}, sort_keys=True)
+
+        def teardown(self):
+            close = getattr(self.step, "close", None)
+            if close is not None:
+                close()
+
+    results_uri = f"{work_uri.rstrip('/')}/.pulsepipe-results-{uuid.uuid4().hex}.json"
+    runner, args = _beam_runner(opts)
+    with beam.Pipeline(runner=runner, options=PipelineOptions(list(args))) as p:
+        _ = (
+            p
+            | "Items" >> beam.Create(_envelopes(items))
+            | "Spread over workers" >> beam.Reshuffle()
+            | "Run step" >> beam.ParDo(StepDoFn())
+            | "Gather" >> beam.combiners.ToList()
+            | "Hand to driver" >> beam.Map(_write_json_lines, results_uri)
+        )
+    fs, path = fsspec.core.url_to_fs(results_uri)
+    try:
+        with fs.open(path, "r") as f:
+            return _in_order(f.read().splitlines(), len(items))
+    finally:
+        fs.rm(path)
+
+
+def _beam_runner(opts: EngineOptions):
+    if any(a.startswith("--runner") for a in opts.pipeline_args):
+        return None, opts.pipeline_args  # a cluster runner named by the user
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    local = ("--direct_running_mode=multi_processing", f"--direct_num_workers={opts.local_workers}",
+             "--default_sdk_harness_log_level=WARNING")
+    return FnApiRunner(), (*local, *opts.pipeline_args)
+
+
+def _write_json_lines(lines: list[str], uri: str) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    with fs.open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+# ---- Ray Data ---------------------------------------------------------------------------------------
+
+class _RayStep:
+    """Ray Data actor: one step instance per worker, rows carry JSON envelopes."""
+
+    def __init__(self, step_cls, step_kwargs):
+        self.step = step_cls(**step_kwargs)
+
+    def __call__(self, row: dict) -> dict:
+        e = json.loads(row["envelope"])
+        return {"envelope": json.dumps({"index": e["index"], "result": self.step(e["item"])}, sort_keys=True)}
+
+
+def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions) -> list[dict]:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if opts.ray_address:
+            ray.init(address=opts.ray_address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=opts.local_workers, include_dashboard=False, log_to_driver=True)
+    try:
+        import ray.data
+
+        _check_gpus(ray, opts.num_gpus)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        workers = min(opts.local_workers if not opts.ray_address else len(items), len(items))
+        ds = ray.data.from_items([{"envelope": e} for e in _envelopes(items)], override_num_blocks=len(items))
+        out = ds.map(_RayStep, fn_constructor_args=(step_cls, step_kwargs), concurrency=workers,
+                     num_cpus=1, num_gpus=opts.num_gpus or None)
+        return _in_order([row["envelope"] for row in out.take_all()], len(items))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _check_gpus(ray, num_gpus: float) -> None:
+    # an actor asking for a GPU the cluster lacks waits forever: fail now, with the reason
+    if num_gpus and ray.cluster_resources().get("GPU", 0) < num_gpus:
+        raise RuntimeError(f"{num_gpus} GPU per worker asked for, but the Ray cluster has "
+                           f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
