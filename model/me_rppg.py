@@ -163,14 +163,24 @@ def tn_chunk(x, eps: float):
     x: (b, L, H, W, K). The returned state is what the reference reports (chunk mean, squared residual of
     the chunk's first frame); chunk mode never reads it.
     """
-    l = x.shape[1]
-    t = jnp.linspace(0.0, 1.0, l, dtype=x.dtype).reshape(1, l, 1, 1, 1)
-    mean = jnp.mean(x, axis=1, keepdims=True)
-    slope = jnp.sum((t - 0.5) * (x - mean), axis=1, keepdims=True) / jnp.sum((t - 0.5) ** 2)
-    x = x - (slope * t + (mean - slope * 0.5))
-    sq = x * x
-    x = x / jnp.sqrt(jnp.mean(sq, axis=1, keepdims=True) + eps)
-    return x, TNState(mean[:, 0], sq[:, 0])
+    b, l = x.shape[:2]
+    flat = x.reshape(b, l, -1)  # (b, L, H*W*K); time reductions as dot products, which XLA does fast
+    t = jnp.linspace(0.0, 1.0, l, dtype=x.dtype)
+    tc = t - 0.5
+    avg = jnp.full((l,), 1.0 / l, x.dtype)
+    mean = jnp.einsum("l,blf->bf", avg, flat)[:, None]  # (b, 1, F)
+    flat = flat - mean
+    # A second pass corrects the first mean's rounding: features far from zero with a small spread
+    # would otherwise carry that rounding into the residual, which the division by the spread amplifies.
+    fix = jnp.einsum("l,blf->bf", avg, flat)[:, None]
+    mean, flat = mean + fix, flat - fix
+    slope = jnp.einsum("l,blf->bf", tc, flat)[:, None] / jnp.sum(tc * tc)
+    flat = flat - slope * tc[:, None]  # residual from the least-squares line
+    sq = flat * flat
+    flat = flat / jnp.sqrt(jnp.einsum("l,blf->bf", avg, sq)[:, None] + eps)
+    mean, sq = mean.reshape(b, *x.shape[2:]), sq[:, 0].reshape(b, *x.shape[2:])
+    x = flat.reshape(x.shape)
+    return x, TNState(mean, sq)
 
 
 def tn_step(x, state: TNState, dt, half_life: float, eps: float):
@@ -201,18 +211,19 @@ def _ssconv(p, x, state: SSConvState, cfg: MEConfig, flow_dt):
 
 def _network(params, x, state: MEState, cfg: MEConfig, flow_dt=None):
     """x: (b, l, 36, 36, 3) float in [0, 1] -> BVP (b, l), new state."""
+    # cfg decides how many blocks, layers and head layers run (a smaller cfg runs a prefix of the network).
     blocks = []
-    for bp, bs in zip(params["blocks"], state.blocks):
+    for bp, bs in zip(params["blocks"][:cfg.n_blocks], state.blocks):
         x = x1 = x @ bp["in_proj"]  # (b, l, H, W, K)
         layers = []
-        for lp, ls in zip(bp["layers"], bs):
+        for lp, ls in zip(bp["layers"][:cfg.layers_per_block], bs):
             x, s = _ssconv(lp, x, ls, cfg, flow_dt)
             layers.append(s)
         x = _conv2d(x + x1, bp["ds"], stride=2)  # (b, l, ceil(H/2), ceil(W/2), K)
         blocks.append(tuple(layers))
     x = jnp.mean(x, axis=(2, 3)) @ params["out_proj"]  # (b, l, 32)
     head = []
-    for mp, ms in zip(params["head"]["mamba"], state.head):
+    for mp, ms in zip(params["head"]["mamba"][:cfg.head_layers], state.head):
         if flow_dt is None:
             x, s = mamba_chunk(mp, x, ms, cfg.chunk, cfg.norm_eps)
         else:
@@ -252,22 +263,23 @@ def apply_chunk(params, frames, state: MEState, cfg: MEConfig = ME):
     chunk is handled as the reference's `process_video` does: padded to 160 frames by repeating its last
     frame, run, only the real outputs kept. Its state is discarded (as the reference does): the returned
     state is the one after the last *whole* chunk, so continue a stream only after multiples of 160.
+    Compiled once per (batch, T): for videos of many lengths, call it on fixed-length segments (a
+    multiple of 160 frames) carrying the state, so that only the last segment's length is new.
     """
     _check_frames(frames, cfg, 4, "apply_chunk")
     single = frames.ndim == 4
     x = frames[None] if single else frames
     b, t = x.shape[:2]
     _check_state(state, b, "apply_chunk")
-    x = x.astype(jnp.float32) / 255.0
     n_chunks, rem = -(-t // cfg.chunk), t % cfg.chunk
     if rem:  # pad the partial chunk with its last frame repeated, as the reference does
         x = jnp.concatenate([x, jnp.repeat(x[:, -1:], cfg.chunk - rem, axis=1)], axis=1)
-    chunks = x.reshape(b, n_chunks, cfg.chunk, *x.shape[2:]).swapaxes(0, 1)  # (c, b, L, 36, 36, 3)
+    chunks = x.reshape(b, n_chunks, cfg.chunk, *x.shape[2:]).swapaxes(0, 1)  # (c, b, L, 36, 36, 3) uint8
     whole = jnp.arange(n_chunks) < t // cfg.chunk  # a padded chunk's state is not kept
 
     def body(s, inputs):
         chunk_frames, keep = inputs
-        y, s_new = _network(params, chunk_frames, s, cfg)
+        y, s_new = _network(params, chunk_frames.astype(jnp.float32) / 255.0, s, cfg)
         return jax.tree.map(lambda new, old: jnp.where(keep, new, old), s_new, s), y
 
     # One scan over all chunks, so one copy of the network is compiled and memory is constant in T.

@@ -14,6 +14,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
+def _cumsum(a, axis=-1):
+    """Cumulative sum as a product with a triangular matrix: XLA on CPU lowers jnp.cumsum to a log-depth
+    scan of many small ops, slow to compile; these sums are short (one chunk), so the product is cheap."""
+    t = a.shape[axis]
+    tri = jnp.triu(jnp.ones((t, t), a.dtype))  # tri[k, i] = 1 for k <= i
+    return jnp.moveaxis(jnp.tensordot(jnp.moveaxis(a, axis, -1), tri, axes=1), -1, axis)
+
+
 def segsum(a):
     """exp(segsum(a))[..., i, j] = prod_{k=j+1..i} exp(a_k) for i >= j, 0 above the diagonal.
 
@@ -23,7 +31,7 @@ def segsum(a):
     t = a.shape[-1]
     x = jnp.broadcast_to(a[..., :, None], (*a.shape, t))  # x[..., i, j] = a_i
     x = jnp.where(jnp.tril(jnp.ones((t, t), bool), -1), x, 0.0)
-    x = jnp.cumsum(x, axis=-2)  # sum_{k=j+1..i} a_k
+    x = _cumsum(x, axis=-2)  # sum_{k=j+1..i} a_k
     return jnp.where(jnp.tril(jnp.ones((t, t), bool)), x, -jnp.inf)
 
 
@@ -45,7 +53,7 @@ def ssd_chunked(x, A, B, C, chunk, init_state=None):
     B = B.reshape(b, c, chunk, n)
     C = C.reshape(b, c, chunk, n)
     A = A.reshape(b, c, chunk, h).transpose(0, 3, 1, 2)  # (b, h, c, l)
-    A_cum = jnp.cumsum(A, axis=-1)
+    A_cum = _cumsum(A)
     if init_state is None:
         init_state = jnp.zeros((b, h, p, n), x.dtype)
 

@@ -1,6 +1,7 @@
 """Our ME-rPPG against the published Keras implementation (fixture from tests/fixtures/make_me_parity.py)."""
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,22 +40,20 @@ def test_chunk_mode(fixture, published, weights):
     _assert_matches(bvp, fixture[f"chunk_{weights}"])
 
 
-@pytest.mark.parametrize("weights", ["rlap", "pure"])
-def test_flow_mode(fixture, published, weights):
-    import jax
-
+@jax.jit
+def _flow_over(params, frames, state):
+    """flow_step over a run of frames, as one compiled scan (one compile for both weight sets)."""
     from model.me_rppg import flow_step
 
+    def step(s, frame):
+        y, s = flow_step(params, frame, s)
+        return s, y
+
+    return jax.lax.scan(step, state, frames)[1]
+
+
+@pytest.mark.parametrize("weights", ["rlap", "pure"])
+def test_flow_mode(fixture, published, weights):
     params, state = published
-    frames = fixture["frames"][: int(fixture["n_flow"])]
-
-    # All frames in one compiled scan over the flow step (one compile, not one dispatch per frame).
-    @jax.jit
-    def run(p, frames, s):
-        def step(s, f):
-            y, s = flow_step(p, f, s)
-            return s, y
-
-        return jax.lax.scan(step, s, frames)[1]
-
-    _assert_matches(run(params[weights], jnp.asarray(frames), state), fixture[f"flow_{weights}"])
+    frames = jnp.asarray(fixture["frames"][: int(fixture["n_flow"])])
+    _assert_matches(_flow_over(params[weights], frames, state), fixture[f"flow_{weights}"])
