@@ -15,6 +15,8 @@ Every adapter module (`transforms/datasets/<layout>.py`, layout name with '-' as
         files (MMPD) read their own.
 
 Adapters import only numpy, scipy, cv2, fsspec, pyarrow and the rest of transforms/: no engine.
+The helpers at the end (`root_path`, `uri_under`, `read_bytes`, `checked_truth`) are what every adapter
+shares: one way to resolve a root, name a file, read a truth file and validate a truth.
 """
 from __future__ import annotations
 
@@ -66,6 +68,60 @@ def adapter(layout: str):
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     return importlib.import_module(f"transforms.datasets.{layout.replace('-', '_')}")
+
+
+TRUTH_EDGE_TOLERANCE_S = 1.0  # truth may start or end this far inside the video (sensor start/stop lag)
+
+
+def root_path(fs, root: str) -> str:
+    """`root` as `fs` lists paths (protocol stripped, no trailing slash); FileNotFoundError if not a folder."""
+    path = fs._strip_protocol(root).rstrip("/") or "/"
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{root}: no such dataset folder")
+    return path
+
+
+def uri_under(root: str, base: str, path: str) -> str:
+    """URI of `path` (as `fs` lists it, under `base` = root_path(root)) in the form `root` was given."""
+    return root.rstrip("/") + "/" + path[len(base):].lstrip("/")
+
+
+def read_bytes(fs, uri: str) -> bytes:
+    """A truth file's bytes; TruthError when it is missing or cannot be read."""
+    try:
+        with fs.open(uri, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise TruthError(uri, "missing") from None
+    except OSError as e:
+        raise TruthError(uri, f"unreadable ({' '.join(str(e).split())})") from None
+
+
+def checked_truth(path: str, t_s, ppg, video_end_s: float | None = None) -> Truth:
+    """A Truth from raw samples, or TruthError naming `path`.
+
+    Samples are put in time order; of samples sharing a timestamp the first is kept, and samples with a
+    non-finite value are dropped (sensors log gaps that way). `video_end_s`, the last frame's time when the
+    layout states it, is checked: the truth must cover the video within TRUTH_EDGE_TOLERANCE_S.
+    """
+    t = np.asarray(t_s, np.float64).ravel()
+    v = np.asarray(ppg, np.float64).ravel()
+    if t.shape != v.shape:
+        raise TruthError(path, f"{t.size} timestamps for {v.size} PPG samples")
+    if not np.isfinite(t).all():
+        raise TruthError(path, "non-finite timestamps")
+    order = np.argsort(t, kind="stable")
+    t, v = t[order], v[order]
+    keep = np.isfinite(v) & np.r_[True, np.diff(t) > 0]
+    t, v = t[keep], v[keep]
+    if t.size < 2:
+        raise TruthError(path, f"too short: {t.size} usable PPG sample(s)")
+    if video_end_s is not None:
+        if t[0] > TRUTH_EDGE_TOLERANCE_S:
+            raise TruthError(path, f"truth starts {t[0]:.2f} s after the first frame")
+        if t[-1] < video_end_s - TRUTH_EDGE_TOLERANCE_S:
+            raise TruthError(path, f"too short: truth ends at {t[-1]:.2f} s, the video at {video_end_s:.2f} s")
+    return Truth(t, v)
 
 
 def video_frame_blocks(rec: Recording, local: dict[str, str], block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
