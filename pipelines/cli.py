@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "synth": ("synth", "write a synthetic cohort with known heart rates"),
     "infer": ("infer", "heart rate and BVP from one video or image folder"),
+    "preprocess": ("preprocess", "recordings to 30 fps face-crop shards, a manifest and dead letters (Beam or Ray)"),
     "demo": ("demo", "synthesise a small cohort and measure it, all on this machine"),
 }
 
@@ -38,7 +39,11 @@ def package_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args._module, "PASSES_PIPELINE_ARGS", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.pipeline_args = extra  # Beam pipeline options (--runner=DataflowRunner ...), passed through
     return int(args._module.main(args) or 0)
 
 
