@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -143,25 +144,32 @@ class _RayStep:
         e = json.loads(row["envelope"])
         return {"envelope": json.dumps({"index": e["index"], "result": self.step(e["item"])}, sort_keys=True)}
 
+    def __del__(self):
+        close = getattr(self.step, "close", None)
+        if close is not None:
+            close()
+
 
 def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions) -> list[dict]:
     import ray
 
     started_here = not ray.is_initialized()
     if started_here:
+        quiet = dict(logging_level=logging.WARNING, log_to_driver=True)  # workers' progress lines still show
         if opts.ray_address:
-            ray.init(address=opts.ray_address, log_to_driver=True)
+            ray.init(address=opts.ray_address, **quiet)
         else:
-            ray.init(num_cpus=opts.local_workers, include_dashboard=False, log_to_driver=True)
+            ray.init(num_cpus=opts.local_workers, include_dashboard=False, **quiet)
     try:
         import ray.data
 
         _check_gpus(ray, opts.num_gpus)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False
         workers = min(opts.local_workers if not opts.ray_address else len(items), len(items))
         ds = ray.data.from_items([{"envelope": e} for e in _envelopes(items)], override_num_blocks=len(items))
-        out = ds.map(_RayStep, fn_constructor_args=(step_cls, step_kwargs), concurrency=workers,
-                     num_cpus=1, num_gpus=opts.num_gpus or None)
+        out = ds.map(_RayStep, fn_constructor_args=(step_cls, step_kwargs),
+                     compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=opts.num_gpus or None)
         return _in_order([row["envelope"] for row in out.take_all()], len(items))
     finally:
         if started_here:
