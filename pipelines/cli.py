@@ -11,6 +11,7 @@ COMMANDS = {
     "infer": ("infer", "heart rate and BVP from one video or image folder"),
     "preprocess": ("preprocess", "recordings to 30 fps face-crop shards, a manifest and dead letters (Beam or Ray)"),
     "augment": ("augment", "time-scaled extra recordings so heart rates cover 30-180 BPM (Beam or Ray)"),
+    "evaluate": ("evaluate", "models over preprocessed recordings: predictions, metrics, a report (Beam or Ray)"),
     "demo": ("demo", "synthesise a small cohort and measure it, all on this machine"),
 }
 

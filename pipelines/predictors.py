@@ -18,30 +18,40 @@ MODEL_NAMES = ME_NAMES + tuple(BASELINES)
 class ModelSet:
     """Models loaded once for a whole run; `predictors()` gives fresh per-recording state.
 
-    `weights` (rlap, pure or a path) applies to ME-rPPG, which is read only if one of its modes is asked for.
+    names: model names, ME-rPPG ones optionally with their weights as `me-chunk:pure` (rlap, pure or a
+    path; default `weights`). Each distinct set of ME weights is read once, however many modes use it.
     """
 
     def __init__(self, names, weights: str = "rlap"):
         self.names = tuple(names)
-        unknown = [n for n in self.names if n not in MODEL_NAMES]
-        if unknown or not self.names:
-            raise ValueError(f"unknown model {unknown or self.names!r}; choose from {', '.join(MODEL_NAMES)}")
-        self._me = None
-        if any(n in ME_NAMES for n in self.names):
-            import model
+        if not self.names:
+            raise ValueError(f"no model given; choose from {', '.join(MODEL_NAMES)}")
+        self._specs = {name: self._parse(name, weights) for name in self.names}
+        self._me = {}
+        for kind, w in self._specs.values():
+            if kind in ME_NAMES and w not in self._me:
+                import model
 
-            self._me = model.load("me-rppg", weights=weights)
+                self._me[w] = model.load("me-rppg", weights=w)
+
+    @staticmethod
+    def _parse(name: str, weights: str) -> tuple[str, str | None]:
+        kind, _, w = name.partition(":")
+        if kind not in MODEL_NAMES or (w and kind not in ME_NAMES):
+            raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)} "
+                             "(ME-rPPG as me-chunk:WEIGHTS with rlap, pure or a path)")
+        return kind, (w or weights) if kind in ME_NAMES else None
 
     def predictors(self) -> dict:
         """{name: predictor} with fresh state, for one recording."""
-        return {name: self._make(name) for name in self.names}
+        return {name: self._make(*self._specs[name]) for name in self.names}
 
-    def _make(self, name: str):
-        if name == "me-chunk":
-            return MEChunkPredictor(self._me)
-        if name == "me-flow":
-            return MEFlowPredictor(self._me)
-        return BaselinePredictor(name)
+    def _make(self, kind: str, weights: str | None):
+        if kind == "me-chunk":
+            return MEChunkPredictor(self._me[weights])
+        if kind == "me-flow":
+            return MEFlowPredictor(self._me[weights])
+        return BaselinePredictor(kind)
 
 
 class MEChunkPredictor:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from pipelines.demo import true_hr
 from pipelines.infer import InferError, infer_models
 from pipelines.predictors import ModelSet
+from ground_truth import true_hr
 from transforms import synth
 from transforms.resample import resample_signal
 from transforms.signal import postprocess_bvp

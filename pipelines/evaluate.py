@@ -1,0 +1,242 @@
+"""Evaluate models on preprocessed recordings: whole-recording BVP, heart rates, metrics and a report.
+
+Written once as a step over one recording (EvaluateStep), run on Beam or Ray (pipelines.engines). Each
+recording streams through every model in one pass over its shard, with the model state carried across
+segments and chunks, so a recording of any length is one inference in bounded memory. Heart rates come
+from predicted and ground-truth BVP by the same recipe (transforms.signal.heart_rate), for the whole
+recording and for sliding windows.
+
+Outputs under --output: predictions.parquet (per recording and model: BVP, HRs per window and whole,
+SQI, SNR; failed recordings with their reason), metrics.parquet (per recording, subject, cohort and
+metadata group, with bootstrap CIs over subjects) and report.html with its PNGs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.engines import add_engine_arguments, engine_options, run_step
+from pipelines.predictors import FPS, ModelSet
+from transforms import signal
+from transforms.manifest import read_manifest
+from transforms.shards import atomic_file, read_segments
+
+DEFAULT_MODELS = ("me-chunk:rlap", "me-chunk:pure", "me-flow:rlap", "green", "chrom", "pos")
+PASSES_PIPELINE_ARGS = True
+WORST_SHOWN = 4  # recordings whose waveforms the report shows
+
+PREDICTION_SCHEMA = pa.schema([
+    ("recording_id", pa.string()), ("subject_id", pa.string()), ("dataset", pa.string()),
+    ("model", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+    ("n_frames", pa.int64()), ("face_fraction", pa.float32()),
+    ("hr_pred", pa.float64()), ("hr_true", pa.float64()), ("sqi", pa.float64()), ("snr_db", pa.float64()),
+    ("windows", pa.list_(pa.struct([("length_s", pa.float32()), ("start_s", pa.float32()),
+                                    ("hr_pred", pa.float64()), ("hr_true", pa.float64())]))),
+    ("bvp_pred", pa.list_(pa.float32())), ("bvp_true", pa.list_(pa.float32())),
+    ("metadata_json", pa.string()),
+])
+
+
+class EvaluationFailed(Exception):
+    """A recording that cannot be evaluated; str names the shard and the reason."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="output root of `pulsepipe preprocess` (manifest.parquet, shards/)")
+    p.add_argument("--output", required=True, help="where predictions.parquet, metrics.parquet and report.html go")
+    p.add_argument("--model", dest="models", action="append",
+                   help=f"model to run, repeatable (default: {' '.join(DEFAULT_MODELS)}); "
+                        "ME-rPPG as me-chunk:WEIGHTS or me-flow:WEIGHTS with rlap, pure or a path")
+    p.add_argument("--windows", type=float, nargs="+", default=[10.0, 30.0], metavar="SECONDS",
+                   help="sliding-window lengths for windowed heart rate (default: 10 30), step half a window")
+    p.add_argument("--group-by", nargs="*", metavar="KEY",
+                   help="metadata keys to break metrics down by (default: every key with at most 12 values)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of subjects (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    add_engine_arguments(p)
+
+
+# ---- the step: one recording, every model -----------------------------------------------------------
+
+class EvaluateStep:
+    """One recording's shard through every model; writes its prediction rows as a part file."""
+
+    def __init__(self, input_uri: str, parts_uri: str, models: list[str], windows: list[float]):
+        self.in_fs, self.in_root = fsspec.core.url_to_fs(input_uri)
+        self.out_fs, self.parts = fsspec.core.url_to_fs(parts_uri)
+        self.models = ModelSet(models)
+        self.windows = windows
+
+    def __call__(self, item: dict) -> dict:
+        started = time.perf_counter()
+        base = {k: item[k] for k in ("recording_id", "subject_id", "dataset", "metadata_json")}
+        try:
+            if item.get("reason"):
+                raise EvaluationFailed(item["reason"])
+            rows = self._predict(item)
+        except EvaluationFailed as e:
+            rows = [{**base, "model": m, "status": "failed", "reason": str(e)} for m in self.models.names]
+        except Exception as e:  # noqa: BLE001 - a bug must not drop the recording: it is reported failed
+            reason = f"{item.get('shard')}: internal error: {type(e).__name__}: {e}"
+            rows = [{**base, "model": m, "status": "failed", "reason": reason} for m in self.models.names]
+        rows = [{**dict.fromkeys(PREDICTION_SCHEMA.names), **r} for r in rows]  # failed rows: nulls
+        with atomic_file(f"{self.parts}/{item['index']:08d}.parquet", self.out_fs) as f:
+            pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA), f)
+        status = rows[0]["status"]
+        print(f"  {item['dataset']}/{item['recording_id']}: {status}"
+              + (f" ({rows[0]['reason']})" if status == "failed" else "")
+              + f" in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        # what the driver needs for metrics: everything but the waveforms
+        return {"rows": [{k: v for k, v in r.items() if k not in ("bvp_pred", "bvp_true", "windows")} for r in rows]}
+
+    def _predict(self, item: dict) -> list[dict]:
+        uri = f"{self.in_root.rstrip('/')}/{item['shard']}"
+        predictors = self.models.predictors()
+        found, truth, n_expected = [], [], 0
+        for seg in read_segments(uri, self.in_fs, columns=None):
+            if seg.start_frame != n_expected:
+                raise EvaluationFailed(f"{uri}: segment {seg.segment_index} starts at frame {seg.start_frame}, "
+                                       f"expected {n_expected}")
+            n_expected += seg.n_frames
+            for p in predictors.values():
+                p.push(seg.frames, seg.face_found)
+            found.append(np.asarray(seg.face_found, bool))
+            truth.append(None if seg.bvp is None else np.asarray(seg.bvp, np.float64))
+        if not found:
+            raise EvaluationFailed(f"{uri}: the shard holds no segments")
+        face = np.concatenate(found)
+        if any(t is None for t in truth):
+            raise EvaluationFailed(f"{uri}: no ground-truth BVP: a layout without truth cannot be scored")
+        bvp_true = np.concatenate(truth)
+        usable = face & np.isfinite(bvp_true)
+        if usable.sum() < 2 * FPS:
+            raise EvaluationFailed(f"{uri}: only {usable.sum() / FPS:.1f} s with a face and ground truth")
+        hr_true, _ = signal.heart_rate(bvp_true[usable], FPS)
+        base = {k: item[k] for k in ("recording_id", "subject_id", "dataset", "metadata_json")}
+        rows = []
+        for name, p in predictors.items():
+            bvp = p.finish()
+            hr, sqi = signal.heart_rate(bvp[usable], FPS)
+            rows.append({**base, "model": name, "status": "ok", "reason": None, "n_frames": len(face),
+                         "face_fraction": float(face.mean()), "hr_pred": hr, "hr_true": hr_true, "sqi": sqi,
+                         "snr_db": signal.snr_db(bvp[usable], FPS, hr_true),
+                         "windows": self._windows(bvp[usable], bvp_true[usable]),
+                         "bvp_pred": bvp.astype(np.float32), "bvp_true": bvp_true.astype(np.float32)})
+        return rows
+
+    def _windows(self, bvp: np.ndarray, bvp_true: np.ndarray) -> list[dict]:
+        out = []
+        for length in self.windows:
+            if len(bvp) < length * FPS:
+                continue
+            pred = signal.hr_windows(signal.postprocess_bvp(bvp, FPS), FPS, length, length / 2)
+            true = signal.hr_windows(signal.postprocess_bvp(bvp_true, FPS), FPS, length, length / 2)
+            out += [{"length_s": length, "start_s": c - length / 2, "hr_pred": hp, "hr_true": ht}
+                    for c, hp, ht in zip(pred[0], pred[1], true[1])]
+        return out
+
+
+# ---- the driver -------------------------------------------------------------------------------------
+
+def work_items(manifest: list[dict]) -> list[dict]:
+    """One item per manifest row, longest first (so similar lengths meet in the same worker batches);
+    rows that failed in preprocessing come along with their reason and land in the outputs as failed."""
+    items = [{"recording_id": r["recording_id"], "subject_id": r["subject_id"], "dataset": r["dataset"],
+              "metadata_json": r["metadata_json"], "shard": r["shard"], "n_frames": r["n_frames"] or 0,
+              "reason": None if r["status"] == "ok" else f"preprocessing failed: {r['reason']}"}
+             for r in manifest]
+    items.sort(key=lambda i: (-i["n_frames"], i["dataset"], i["recording_id"]))
+    return [{**item, "index": k} for k, item in enumerate(items)]
+
+
+def default_group_keys(rows: list[dict], most: int = 12) -> list[str]:
+    values: dict[str, set] = {}
+    for r in rows:
+        for k, v in json.loads(r["metadata_json"] or "{}").items():
+            if isinstance(v, (str, bool, int)) and not isinstance(v, float):
+                values.setdefault(k, set()).add(v)
+    return sorted(k for k, v in values.items() if 1 < len(v) <= most)
+
+
+def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_by=None, n_boot: int = 1000,
+                 seed: int = 0, log=print) -> dict:
+    """The whole job; returns {'predictions': rows without waveforms, 'metrics': metric rows}."""
+    from pipelines.report import format_cohort_table, format_subject_table, write_report
+    from transforms.metrics import metrics_table
+
+    started = time.perf_counter()
+    in_fs, in_root = fsspec.core.url_to_fs(input_uri)
+    out_fs, out_root = fsspec.core.url_to_fs(output_uri)
+    manifest = read_manifest(f"{in_root.rstrip('/')}/manifest.parquet", in_fs)
+    if not manifest:
+        raise SystemExit(f"pulsepipe evaluate: error: {input_uri}: no manifest.parquet; run `pulsepipe preprocess` first")
+    items = work_items(manifest)
+    log(f"{len(items)} recordings from {input_uri}, models {', '.join(models)}, on {opts.engine}")
+    out_fs.makedirs(out_root, exist_ok=True)
+    parts_name = f".prediction-parts-{uuid.uuid4().hex}"  # workers write here; merged below
+    parts = f"{out_root.rstrip('/')}/{parts_name}"
+    out_fs.makedirs(parts, exist_ok=True)
+    step_kwargs = {"input_uri": input_uri, "parts_uri": f"{output_uri.rstrip('/')}/{parts_name}",
+                   "models": list(models), "windows": list(windows)}
+    try:
+        results = run_step(EvaluateStep, step_kwargs, items, opts, output_uri)
+        _merge_parts(out_fs, parts, f"{out_root}/predictions.parquet")
+    finally:
+        out_fs.rm(parts, recursive=True)
+    rows = [r for res in results for r in res["rows"]]
+    rows.sort(key=lambda r: (r["dataset"], r["recording_id"], list(models).index(r["model"])))
+    ok = [r for r in rows if r["status"] == "ok"]
+    scored = [{**json.loads(r["metadata_json"] or "{}"), **r} for r in ok]
+    keys = default_group_keys(ok) if group_by is None else group_by
+    metric_rows = metrics_table(scored, keys, n_boot=n_boot, seed=seed) if scored else []
+    with atomic_file(f"{out_root}/metrics.parquet", out_fs) as f:
+        pq.write_table(pa.Table.from_pylist(metric_rows), f)
+    report = write_report(output_uri, rows, metric_rows, _worst_waveforms(out_fs, out_root, ok))
+    log("")
+    log(format_subject_table(metric_rows))
+    log("")
+    log(format_cohort_table(metric_rows))
+    for r in rows:
+        if r["status"] == "failed" and r["model"] == models[0]:
+            log(f"failed: {r['recording_id']}: {r['reason']}")
+    log(f"\n{len(ok) // max(len(models), 1)} of {len(items)} recordings scored in "
+        f"{time.perf_counter() - started:.0f} s; report: {report}")
+    return {"predictions": rows, "metrics": metric_rows}
+
+
+def _merge_parts(fs, parts: str, target: str) -> None:
+    # one part file per recording, streamed into one table: memory holds one recording's rows at a time
+    with atomic_file(target, fs) as f:
+        with pq.ParquetWriter(f, PREDICTION_SCHEMA) as writer:
+            for path in sorted(fs.ls(parts, detail=False)):
+                with fs.open(path, "rb") as part:
+                    writer.write_table(pq.read_table(part, schema=PREDICTION_SCHEMA))
+
+
+def _worst_waveforms(fs, root: str, ok: list[dict]) -> dict:
+    """(model, recording_id) -> (t, bvp_pred, bvp_true) for the recordings with the largest HR errors."""
+    worst = sorted(ok, key=lambda r: -abs(r["hr_pred"] - r["hr_true"]))[:WORST_SHOWN]
+    wanted = {(r["model"], r["recording_id"]) for r in worst}
+    out = {}
+    with fs.open(f"{root}/predictions.parquet", "rb") as f:
+        table = pq.read_table(f, columns=["model", "recording_id", "bvp_pred", "bvp_true"],
+                              filters=[("recording_id", "in", sorted({rid for _, rid in wanted}))])
+    for r in table.to_pylist():
+        if (r["model"], r["recording_id"]) in wanted:
+            pred = np.asarray(r["bvp_pred"], np.float64)
+            out[(r["model"], r["recording_id"])] = (np.arange(len(pred)) / FPS, pred, np.asarray(r["bvp_true"], np.float64))
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    run_evaluate(args.input, args.output, tuple(args.models or DEFAULT_MODELS), args.windows, engine_options(args),
+                 group_by=args.group_by, n_boot=args.bootstrap, seed=args.seed)
+    return 0
