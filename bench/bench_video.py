@@ -1,10 +1,10 @@
-"""Whole-video throughput: ours (`infer_video`) against the published `open-rppg` `process_video`.
+"""Whole-video throughput: ours (`infer_models`) against the published `open-rppg` `process_video`.
 
 For each test video (a lossy H.264 file and an FFV1 file, written once by `transforms.synth` and kept in
 --workdir) it measures, side by side on this machine:
 
 - decode only: a bare PyAV loop (the floor) and our `transforms.video.iter_blocks`;
-- ours end to end: `pipelines.infer.infer_video` (decode, MediaPipe face tracking, crop, 30 fps, model),
+- ours end to end: `pipelines.infer.infer_models` (decode, MediaPipe face tracking, crop, 30 fps, model),
   after a warm-up on a short clip so that model load and jit compile are reported apart;
 - the reference end to end: `Model('ME-chunk.rlap').process_video` in a subprocess of the reference
   venv (construction and a warm-up on the same short clip reported apart);
@@ -37,8 +37,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
-from pipelines.infer import infer_video  # noqa: E402
-from pipelines.predictors import ME_NAMES, MODEL_NAMES, make_predictor  # noqa: E402
+from pipelines.infer import infer_models  # noqa: E402
+from pipelines.predictors import ME_NAMES, MODEL_NAMES, ModelSet  # noqa: E402
 from transforms.face import FaceDetector  # noqa: E402
 from transforms.face_crops import iter_face_crops  # noqa: E402
 from transforms.synth import write_cohort  # noqa: E402
@@ -186,7 +186,7 @@ def stage_profile(path: Path, model: str) -> dict:
         t0 = time.perf_counter()
         blocks = list(iter_face_crops(path, detector=detector))
         crops_s = time.perf_counter() - t0
-    predictor = make_predictor(model)  # warm: the jit cache is filled by the earlier runs
+    predictor = ModelSet([model]).predictors()[model]  # warm: the jit cache is filled by the earlier runs
     t0 = time.perf_counter()
     for b in blocks:
         predictor.push(b.crops, b.face_found)
@@ -219,7 +219,7 @@ def run_reference(ref_python: Path, model: str, warmup: Path, video: Path, repea
     return json.loads(lines[-1][len("@@REF@@"):])
 
 
-def bench_file(path: Path, codec: str, truth: float, warmup: Path, args) -> dict:
+def bench_file(path: Path, codec: str, truth: float, warmup: Path, models: ModelSet, args) -> dict:
     print(f"[{codec}] decode (PyAV) ...", flush=True)
     pyav_s, frames = repeated(lambda: decode_pyav(path), args.repeat)
     print(f"[{codec}] decode (iter_blocks) ...", flush=True)
@@ -228,7 +228,8 @@ def bench_file(path: Path, codec: str, truth: float, warmup: Path, args) -> dict
         print(f"  warning: iter_blocks gave {ours_frames} frames, PyAV {frames}", file=sys.stderr)
 
     print(f"[{codec}] ours end to end ({args.model}) ...", flush=True)
-    ours_s, result = repeated(lambda: infer_video(str(path), model=args.model), args.repeat)
+    # the model is loaded once beforehand, as the reference's Model() is built outside its timing
+    ours_s, result = repeated(lambda: infer_models(str(path), models)[args.model], args.repeat)
     print(f"[{codec}] ours stage profile ...", flush=True)
     stages = stage_profile(path, args.model)
 
@@ -309,7 +310,7 @@ def print_table(rows: list[dict], setup: dict) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
 
     print()
-    print(f"ours: model load {setup['ours_model_load_s']:.2f} s, warm-up infer_video on a "
+    print(f"ours: model load {setup['ours_model_load_s']:.2f} s, warm-up infer on a "
           f"{WARMUP_SECONDS:g} s clip {setup['ours_warmup_s']:.2f} s (load + jit compile)")
     ref = next((r["reference"] for r in rows if "reference" in r), None)
     if ref:
@@ -317,7 +318,7 @@ def print_table(rows: list[dict], setup: dict) -> None:
               f"warm-up process_video on the same clip {ref['warmup_s']:.2f} s (per subprocess)")
     print()
     print("where our time goes (seconds, one instrumented run after the timed ones; other = tracking,")
-    print("resampling, per-frame Python; e2e = best timed infer_video):")
+    print("resampling, per-frame Python; e2e = best timed infer):")
     print(f"{'codec':>10}  {'decode':>7}  {'detect':>7}  {'crop':>7}  {'other':>7}  {'model':>7}  {'sum':>7}  {'e2e':>7}")
     for r in rows:
         s = r["ours"]["stages"]
@@ -376,19 +377,15 @@ def main(argv=None) -> int:
         warmup, _ = cohort_video(args.workdir, CODECS[0], WARMUP_SECONDS)
         videos = [(codec, *cohort_video(args.workdir, codec, args.seconds)) for codec in args.codecs]
 
-        setup = {"load_before": load_before, "ours_model_load_s": 0.0}
-        if args.model in ME_NAMES:  # model.load alone, before any compile
-            import model
-
-            t0 = time.perf_counter()
-            model.load("me-rppg")
-            setup["ours_model_load_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        models = ModelSet([args.model])  # reads the weights, before any compile
+        setup = {"load_before": load_before, "ours_model_load_s": time.perf_counter() - t0}
         print(f"ours: warm-up on {warmup.name} ({WARMUP_SECONDS:g} s) ...", flush=True)
         t0 = time.perf_counter()
-        infer_video(str(warmup), model=args.model)
+        infer_models(str(warmup), models)
         setup["ours_warmup_s"] = time.perf_counter() - t0
 
-        rows = [bench_file(path, codec, truth, warmup, args) for codec, path, truth in videos]
+        rows = [bench_file(path, codec, truth, warmup, models, args) for codec, path, truth in videos]
     except BenchError as e:
         print(f"bench_video: {e}", file=sys.stderr)
         return 2
