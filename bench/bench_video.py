@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
 from pipelines.infer import infer_models  # noqa: E402
-from pipelines.predictors import ME_NAMES, MODEL_NAMES, ModelSet  # noqa: E402
+from pipelines.predictors import MODEL_NAMES, ModelSet  # noqa: E402
 from transforms.face import FaceDetector  # noqa: E402
 from transforms.face_crops import iter_face_crops  # noqa: E402
 from transforms.synth import write_cohort  # noqa: E402

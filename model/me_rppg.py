@@ -13,7 +13,7 @@ Parameters are the nested dicts that `model.weights.load_params` builds; shapes 
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import wraps
 from typing import NamedTuple
 
 import jax
@@ -163,24 +163,18 @@ def tn_chunk(x, eps: float):
     x: (b, L, H, W, K). The returned state is what the reference reports (chunk mean, squared residual of
     the chunk's first frame); chunk mode never reads it.
     """
-    b, l = x.shape[:2]
-    flat = x.reshape(b, l, -1)  # (b, L, H*W*K); time reductions as dot products, which XLA does fast
+    l = x.shape[1]
     t = jnp.linspace(0.0, 1.0, l, dtype=x.dtype)
-    tc = t - 0.5
-    avg = jnp.full((l,), 1.0 / l, x.dtype)
-    mean = jnp.einsum("l,blf->bf", avg, flat)[:, None]  # (b, 1, F)
-    flat = flat - mean
-    # A second pass corrects the first mean's rounding: features far from zero with a small spread
-    # would otherwise carry that rounding into the residual, which the division by the spread amplifies.
-    fix = jnp.einsum("l,blf->bf", avg, flat)[:, None]
-    mean, flat = mean + fix, flat - fix
-    slope = jnp.einsum("l,blf->bf", tc, flat)[:, None] / jnp.sum(tc * tc)
-    flat = flat - slope * tc[:, None]  # residual from the least-squares line
-    sq = flat * flat
-    flat = flat / jnp.sqrt(jnp.einsum("l,blf->bf", avg, sq)[:, None] + eps)
-    mean, sq = mean.reshape(b, *x.shape[2:]), sq[:, 0].reshape(b, *x.shape[2:])
-    x = flat.reshape(x.shape)
-    return x, TNState(mean, sq)
+    tc = (t - 0.5).reshape(l, 1, 1, 1)
+    # Sums of the offsets from the first frame: features far from zero with a small spread would otherwise
+    # carry the mean's rounding into the residual, which the division by the spread amplifies.
+    x0 = x[:, :1]
+    mean = x0 + jnp.mean(x - x0, axis=1, keepdims=True)  # (b, 1, H, W, K)
+    slope = jnp.sum((x - mean) * tc, axis=1, keepdims=True) / jnp.sum(tc * tc)
+    res = x - mean - slope * tc  # residual from the least-squares line; each reduction re-reads x
+    var = jnp.mean(res * res, axis=1, keepdims=True)
+    sq0 = res[:, 0] * res[:, 0]
+    return res * jax.lax.rsqrt(var + eps), TNState(mean[:, 0], sq0)
 
 
 def tn_step(x, state: TNState, dt, half_life: float, eps: float):
@@ -199,7 +193,7 @@ def _ssconv(p, x, state: SSConvState, cfg: MEConfig, flow_dt):
         x0, tn_state = tn_step(x[:, 0], state.tn, flow_dt, cfg.tn_half_life, cfg.tn_eps)
         x0 = x0[:, None]
     x1 = jax.nn.relu(_dense(_conv2d(x0, p["conv1"]), p["dense1"]))  # (b, l, H, W, 2K)
-    x2 = jnp.mean(x1, axis=(2, 3))  # (b, l, 2K)
+    x2 = jnp.mean(jnp.mean(x1, axis=2), axis=2)  # (b, l, 2K); one axis at a time: XLA CPU reduces both at once slower
     if flow_dt is None:
         x2, m_state = mamba_chunk(p["mamba"], x2, state.mamba, cfg.chunk, cfg.norm_eps)
     else:
@@ -236,6 +230,27 @@ def _network(params, x, state: MEState, cfg: MEConfig, flow_dt=None):
 # ---------------------------------------------------------------- public entry points
 
 
+# XLA CPU options for both modes. YNNPACK fusions (on by default in jaxlib 0.10) run each convolution on one
+# thread; XLA's own (Eigen) convolutions use every core, which makes chunk mode ~1.5x faster on 2 cores.
+_XLA_CPU = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def _jit(fun):
+    """jax.jit with the _XLA_CPU options. Only a top-level jit takes compiler options, so a call made while
+    tracing (the function nested in a caller's jit or scan) goes to the same function jitted without them;
+    `.lower` is the top-level one's."""
+    fast = jax.jit(fun, static_argnames="cfg", compiler_options=_XLA_CPU)
+    nested = jax.jit(fun, static_argnames="cfg")
+
+    @wraps(fun)
+    def call(*args, **kwargs):
+        traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs)))
+        return (nested if traced else fast)(*args, **kwargs)
+
+    call.lower = fast.lower
+    return call
+
+
 def _check_frames(frames, cfg: MEConfig, single_ndim: int, what: str):
     shape = tuple(frames.shape)
     if frames.dtype != jnp.uint8 or len(shape) not in (single_ndim, single_ndim + 1) or shape[-3:] != cfg.frame_shape:
@@ -253,7 +268,7 @@ def _check_state(state: MEState, batch: int, what: str):
         raise ValueError(f"{what}: state is for batch {got}, frames have batch {batch}; use init_state({batch}, ...)")
 
 
-@partial(jax.jit, static_argnames="cfg")
+@_jit
 def apply_chunk(params, frames, state: MEState, cfg: MEConfig = ME):
     """Chunk mode over a run of frames.
 
@@ -288,7 +303,7 @@ def apply_chunk(params, frames, state: MEState, cfg: MEConfig = ME):
     return (bvp[0] if single else bvp), state
 
 
-@partial(jax.jit, static_argnames="cfg")
+@_jit
 def flow_step(params, frame, state: MEState, dt=1 / 30, cfg: MEConfig = ME):
     """Flow mode, one frame. frame: uint8 (b, 36, 36, 3) or (36, 36, 3); dt: seconds since the last frame.
 

@@ -81,6 +81,17 @@ def test_flow_streams_in_a_batch_are_independent(params):
     assert not np.allclose(y_slow, y_std)  # dt is honoured (and traced: no recompile)
 
 
+def test_nested_in_a_callers_jit_equals_top_level(params):
+    # Called while tracing, apply_chunk and flow_step compile without their own XLA options (see _jit).
+    frames = jnp.asarray(_frames(16))
+    s0 = init_state(1, SMALL)
+    y, s = _run(apply_chunk, params, frames, s0)
+    nested = jax.jit(lambda p, f, st: apply_chunk(p, f, st, cfg=SMALL), compiler_options=FAST_COMPILE)
+    y_nested, s_nested = nested(params, frames, s0)
+    _close(y_nested, y)
+    jax.tree.map(_close, s_nested, s)
+
+
 @pytest.mark.parametrize(
     "frames",
     [
