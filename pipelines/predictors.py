@@ -66,7 +66,7 @@ class MEChunkPredictor:
         self._state = me.initial_state
         self._pending: list[np.ndarray] = []
         self._pending_found: list[np.ndarray] = []
-        self._out: list[np.ndarray] = []
+        self._out: list[tuple] = []  # (BVP on the device, face_found) per chunk
 
     def push(self, crops: np.ndarray, face_found: np.ndarray) -> None:
         self._pending.append(np.where(face_found[:, None, None, None], crops, 0).astype(np.uint8))
@@ -79,10 +79,11 @@ class MEChunkPredictor:
             self._pending, self._pending_found = [frames[full:]], [found[full:]]
 
     def _run(self, frames: np.ndarray, found: np.ndarray) -> None:
-        # one chunk per call keeps a single compiled shape whatever the video length
+        # one chunk per call keeps a single compiled shape whatever the video length; the result stays
+        # on the device until finish(), so JAX's async dispatch overlaps the model with decoding
         for s in range(0, len(frames), self._chunk):
             bvp, self._state = self._apply(self._me.params, frames[s : s + self._chunk], self._state)
-            self._out.append(np.asarray(bvp, dtype=np.float64) * found[s : s + self._chunk])
+            self._out.append((bvp, found[s : s + self._chunk]))
 
     def finish(self) -> np.ndarray:
         frames = np.concatenate(self._pending) if self._pending else np.zeros((0, 36, 36, 3), np.uint8)
@@ -92,9 +93,9 @@ class MEChunkPredictor:
             # partial chunk itself, so the tail reuses the one compiled shape instead of compiling anew.
             padded = np.concatenate([frames, np.repeat(frames[-1:], self._chunk - n, axis=0)])
             bvp, _ = self._apply(self._me.params, padded, self._state)
-            self._out.append(np.asarray(bvp, dtype=np.float64)[:n] * np.concatenate(self._pending_found))
+            self._out.append((bvp[:n], np.concatenate(self._pending_found)))
         self._pending, self._pending_found = [], []
-        return np.concatenate(self._out) if self._out else np.zeros(0)
+        return np.concatenate([np.asarray(b, np.float64) * f for b, f in self._out]) if self._out else np.zeros(0)
 
 
 class MEFlowPredictor:
@@ -106,15 +107,19 @@ class MEFlowPredictor:
         self._step = model.flow_step
         self._me = me
         self._state = me.initial_state
-        self._out: list[float] = []
+        self._out: list = []  # BVP per frame, left on the device until finish() (no sync per frame)
+        self._found: list[np.ndarray] = []
 
     def push(self, crops: np.ndarray, face_found: np.ndarray) -> None:
         for crop, found in zip(crops, face_found):
             bvp, self._state = self._step(self._me.params, crop if found else np.zeros_like(crop), self._state, 1.0 / FPS)
-            self._out.append(float(np.asarray(bvp).reshape(-1)[0]) if found else 0.0)
+            self._out.append(bvp)
+        self._found.append(face_found)
 
     def finish(self) -> np.ndarray:
-        return np.asarray(self._out, dtype=np.float64)
+        if not self._out:
+            return np.zeros(0)
+        return np.asarray([np.asarray(b).reshape(-1)[0] for b in self._out], np.float64) * np.concatenate(self._found)
 
 
 class BaselinePredictor:
