@@ -42,11 +42,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
+
+from benchlib import StageClock, machine_info  # noqa: E402
 
 SIZE = (640, 480)
 CODEC = "h264-crf20"  # a typical lossy camera file (yuv420p)
@@ -132,39 +133,6 @@ def videos(cohort_dir: Path) -> list[Path]:
 
 # ---- children: one measurement per fresh process ----
 
-class StageClock:
-    """Adds up seconds spent inside wrapped functions and generators, by stage name (as bench_video's)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-
-    def _add(self, stage: str, dt: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
-        self.calls[stage] = self.calls.get(stage, 0) + 1
-
-    def function(self, stage: str, fn):
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self._add(stage, time.perf_counter() - t0)
-        return timed
-
-    def generator(self, stage: str, fn):
-        def timed(*a, **kw):  # time spent producing each item, not the consumer's time between items
-            it = iter(fn(*a, **kw))
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    item = next(it)
-                except StopIteration:
-                    self._add(stage, time.perf_counter() - t0)
-                    return
-                self._add(stage, time.perf_counter() - t0)
-                yield item
-        return timed
 
 
 def _rss_mb() -> float:
@@ -503,26 +471,6 @@ def print_table(report: dict) -> None:
           f"{tuple(round(x, 2) for x in m['load_after'])} on {m['cpu_count']} CPUs; other processes add time")
 
 
-def machine_info() -> dict:
-    import importlib.metadata
-    import platform
-
-    packages = {}
-    for name in ("pulsepipe", "numpy", "av", "mediapipe", "opencv-contrib-python", "pyarrow", "apache-beam", "ray"):
-        try:
-            packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
-        "python": sys.version.split()[0],
-        "packages": packages,
-    }
-
 
 # ---- main ----
 
@@ -586,7 +534,7 @@ def main(argv=None) -> int:
                  "size": list(SIZE), "codec": CODEC, "seed": SEED, "config": load_config(None),
                  "long_videos": "the first length rendered by transforms.synth, longer ones its H.264 packets "
                                 "stream-copied in a loop with the truth tiled"},
-        "machine": {**machine_info(), "load_before": load_before, "load_after": os.getloadavg(),
+        "machine": {**machine_info(("pulsepipe", "numpy", "av", "mediapipe", "opencv-contrib-python", "pyarrow", "apache-beam", "ray")), "load_before": load_before, "load_after": os.getloadavg(),
                     "bench_wall_s": time.perf_counter() - started},
         "throughput": throughput,
         "memory": memory,

@@ -20,10 +20,8 @@ asserts nothing about time. Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,11 +30,11 @@ from pathlib import Path
 from unittest import mock
 
 import av
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
+from benchlib import StageClock, machine_info  # noqa: E402
 from pipelines.infer import infer_models  # noqa: E402
 from pipelines.predictors import MODEL_NAMES, ModelSet  # noqa: E402
 from transforms.face import FaceDetector  # noqa: E402
@@ -133,39 +131,6 @@ def decode_ours(path: Path) -> int:
     return sum(len(t) for t, _ in iter_blocks(path))
 
 
-class StageClock:
-    """Adds up seconds spent inside wrapped functions and generators, by stage name."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-
-    def _add(self, stage: str, dt: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
-        self.calls[stage] = self.calls.get(stage, 0) + 1
-
-    def function(self, stage: str, fn):
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self._add(stage, time.perf_counter() - t0)
-        return timed
-
-    def generator(self, stage: str, fn):
-        def timed(*a, **kw):  # time spent producing each item, not the consumer's time between items
-            it = iter(fn(*a, **kw))
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    item = next(it)
-                except StopIteration:
-                    self._add(stage, time.perf_counter() - t0)
-                    return
-                self._add(stage, time.perf_counter() - t0)
-                yield item
-        return timed
 
 
 def stage_profile(path: Path, model: str) -> dict:
@@ -263,26 +228,8 @@ def bench_file(path: Path, codec: str, truth: float, warmup: Path, models: Model
 
 # ---- output ----
 
-def versions(names) -> dict:
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+VIDEO_PACKAGES = ("pulsepipe", "jax", "jaxlib", "numpy", "av", "mediapipe", "opencv-contrib-python")
 
-
-def machine_info(ref_versions: dict) -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": sys.version.split()[0],
-        "packages": versions(["pulsepipe", "jax", "jaxlib", "numpy", "av", "mediapipe", "opencv-contrib-python"]),
-        "reference_packages": ref_versions,
-    }
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -397,7 +344,7 @@ def main(argv=None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "args": {"seconds": args.seconds, "repeat": args.repeat, "model": args.model, "size": list(SIZE),
                  "seed": SEED, "warmup_seconds": WARMUP_SECONDS, "reference_model": REF_MODEL.get(args.model)},
-        "machine": {**machine_info(ref_versions), "load_before": load_before, "load_after": os.getloadavg()},
+        "machine": {**machine_info(VIDEO_PACKAGES, reference_packages=ref_versions), "load_before": load_before, "load_after": os.getloadavg()},
         "setup": setup,
         "files": rows,
     }

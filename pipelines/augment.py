@@ -22,7 +22,8 @@ import numpy as np
 
 from pipelines.engines import add_engine_arguments, engine_options, run_step
 from transforms.augment import BIN_BPM, FACTOR_RANGE, TimeScaler, choose_factors, hr_bins, hr_histogram
-from transforms.manifest import by_recording, config_hash, read_manifest, up_to_date, write_manifest
+from transforms.manifest import (by_recording, config_hash, read_manifest, remove_stale_shards, up_to_date,
+                                 write_manifest)
 from transforms.shards import FPS, SEGMENT_FRAMES, SegmentBuilder, ShardWriter, read_segments
 from transforms.signal import heart_rate
 
@@ -211,7 +212,7 @@ def run_augment(input_uri: str, output_uri: str, opts, hr_range=(30.0, 180.0), e
     done = run_step(AugmentStep, {"input_uri": input_uri, "output_uri": output_uri, "segment_frames": segment_frames},
                     todo, opts, output_uri)
     rows = kept + done
-    _remove_stale_shards(previous, rows, out_fs, out_root)
+    remove_stale_shards(previous, rows, out_fs, out_root)
     write_manifest(rows, manifest_uri, out_fs)
     made = {r["recording_id"] for r in rows if r["status"] == "ok"}
     after = list(hrs.values()) + [hrs[s] * f for s, f in picks if augmented_id(s, f) in made]
@@ -219,13 +220,6 @@ def run_augment(input_uri: str, output_uri: str, opts, hr_range=(30.0, 180.0), e
     log(histogram_table(list(hrs.values()), after, hr_range))
     return rows
 
-
-def _remove_stale_shards(previous: list[dict], rows: list[dict], fs, root: str) -> None:
-    # a pick that changed (new seed, new cohort) or failed must not leave its old shard behind
-    live = {r["shard"] for r in rows if r["status"] == "ok"}
-    for old in previous:
-        if old.get("shard") and old["shard"] not in live and fs.exists(f"{root}/{old['shard']}"):
-            fs.rm(f"{root}/{old['shard']}")
 
 
 def summary(n_in: int, kept: list[dict], done: list[dict], no_truth: list[tuple[str, str]], seconds: float,

@@ -25,8 +25,8 @@ from pipelines.engines import add_engine_arguments, engine_options, run_step
 from transforms.datasets import LAYOUTS, Recording, TruthError, adapter
 from transforms.face import FaceDetector
 from transforms.face_crops import FPS, face_crops
-from transforms.manifest import (by_recording, config_hash, fingerprint, read_manifest, source_stats,
-                                 up_to_date, write_manifest)
+from transforms.manifest import (by_recording, config_hash, fingerprint, read_manifest, remove_stale_shards,
+                                 source_stats, up_to_date, write_manifest)
 from transforms.resample import resample_signal
 from transforms.shards import SegmentBuilder, ShardWriter
 from transforms.video import VideoError
@@ -229,18 +229,11 @@ def run_preprocess(layout: str, input_uri: str, output_uri: str, config: dict, o
     done = run_step(PreprocessStep, {"layout": layout, "input_uri": input_uri, "output_uri": output_uri,
                                      "config": config}, todo, opts, output_uri)
     rows = kept + done
-    _remove_stale_shards(previous, rows, out_fs, out_root)
+    remove_stale_shards(previous, rows, out_fs, out_root)
     write_manifest(rows, manifest_uri, out_fs)
     log(summary(kept, done, time.perf_counter() - started))
     return rows
 
-
-def _remove_stale_shards(previous: list[dict], rows: list[dict], fs, root: str) -> None:
-    # a recording that is gone from the source, or failed this time, must not leave its old shard behind
-    live = {r["shard"] for r in rows if r["status"] == "ok"}
-    for old in previous:
-        if old.get("shard") and old["shard"] not in live and fs.exists(f"{root}/{old['shard']}"):
-            fs.rm(f"{root}/{old['shard']}")
 
 
 def summary(kept: list[dict], done: list[dict], seconds: float) -> str:

@@ -133,3 +133,15 @@ def read_manifest(uri: str, fs: fsspec.AbstractFileSystem) -> list[dict]:
 def by_recording(rows: list[dict]) -> dict[tuple[str, str], dict]:
     """Manifest rows keyed by (dataset, recording_id)."""
     return {(r["dataset"], r["recording_id"]): r for r in rows}
+
+
+def remove_stale_shards(previous: list[dict], rows: list[dict], fs, root: str) -> None:
+    """Delete shards named by the previous manifest that no ok row of the new one names.
+
+    A recording gone from the source, failed this time, or no longer chosen must not leave its old shard
+    behind for readers of OUT/shards to find.
+    """
+    live = {r["shard"] for r in rows if r["status"] == "ok"}
+    for old in previous:
+        if old.get("shard") and old["shard"] not in live and fs.exists(f"{root}/{old['shard']}"):
+            fs.rm(f"{root}/{old['shard']}")
