@@ -51,18 +51,21 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(args.engine, args.workers, args.ray_address, extra)
 
 
-def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions, work_uri: str) -> list[dict]:
+def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions, work_uri: str,
+             model_batch: int = 0) -> list[dict]:
     """Apply step_cls(**step_kwargs) to every item on the chosen engine; results in the order of items.
 
     work_uri: a folder every worker can write (the job's output): Beam leaves its results there for the
     driver to read, as a pipeline cannot return values.
+    model_batch: for steps that hold a model, up to this many items per call: Beam runs the step as a
+    RunInference model handler (one model per worker, batched elements), Ray as `map_batches`.
     """
     if not items:
         return []
     if opts.engine == "beam":
-        return _run_beam(step_cls, step_kwargs, items, opts, work_uri)
+        return _run_beam(step_cls, step_kwargs, items, opts, work_uri, model_batch)
     if opts.engine == "ray":
-        return _run_ray(step_cls, step_kwargs, items, opts)
+        return _run_ray(step_cls, step_kwargs, items, opts, model_batch)
     raise ValueError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
 
 
@@ -80,9 +83,25 @@ def _in_order(envelopes, n: int) -> list[dict]:
 
 # ---- Apache Beam ------------------------------------------------------------------------------------
 
-def _run_beam(step_cls, step_kwargs, items, opts: EngineOptions, work_uri: str) -> list[dict]:
+def _run_beam(step_cls, step_kwargs, items, opts: EngineOptions, work_uri: str, model_batch: int) -> list[dict]:
     import apache_beam as beam
+    from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
+
+    class StepModelHandler(ModelHandler):
+        """The step as a RunInference model: built once per worker, called on batches of envelopes."""
+
+        def __init__(self):
+            super().__init__(min_batch_size=1, max_batch_size=model_batch)
+
+        def load_model(self):
+            return step_cls(**step_kwargs)
+
+        def run_inference(self, batch, model, inference_args=None):
+            for envelope in batch:
+                e = json.loads(envelope)
+                yield PredictionResult(envelope, json.dumps({"index": e["index"], "result": model(e["item"])},
+                                                            sort_keys=True))
 
     class StepDoFn(beam.DoFn):
         def setup(self):
@@ -104,7 +123,9 @@ def _run_beam(step_cls, step_kwargs, items, opts: EngineOptions, work_uri: str) 
             p
             | "Items" >> beam.Create(_envelopes(items))
             | "Spread over workers" >> beam.Reshuffle()
-            | "Run step" >> beam.ParDo(StepDoFn())
+            | "Run step" >> (
+                beam.ParDo(StepDoFn()) if not model_batch
+                else RunInference(StepModelHandler()) | "Results" >> beam.Map(lambda r: r.inference))
             | "Gather" >> beam.combiners.ToList()
             | "Hand to driver" >> beam.Map(_write_json_lines, results_uri)
         )
@@ -141,8 +162,18 @@ class _RayStep:
         self.step = step_cls(**step_kwargs)
 
     def __call__(self, row: dict) -> dict:
-        e = json.loads(row["envelope"])
-        return {"envelope": json.dumps({"index": e["index"], "result": self.step(e["item"])}, sort_keys=True)}
+        return {"envelope": self.run(row["envelope"])}
+
+    def run(self, envelope: str) -> str:
+        e = json.loads(envelope)
+        return json.dumps({"index": e["index"], "result": self.step(e["item"])}, sort_keys=True)
+
+
+class _RayModelStep(_RayStep):
+    """The same actor for `map_batches`: a batch of envelopes per call."""
+
+    def __call__(self, batch: dict) -> dict:
+        return {"envelope": [self.run(e) for e in batch["envelope"]]}
 
     def __del__(self):
         close = getattr(self.step, "close", None)
@@ -150,7 +181,7 @@ class _RayStep:
             close()
 
 
-def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions) -> list[dict]:
+def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int) -> list[dict]:
     import ray
 
     started_here = not ray.is_initialized()
@@ -168,8 +199,12 @@ def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions) -> list[dict]:
         ray.data.DataContext.get_current().enable_progress_bars = False
         workers = min(opts.local_workers if not opts.ray_address else len(items), len(items))
         ds = ray.data.from_items([{"envelope": e} for e in _envelopes(items)], override_num_blocks=len(items))
-        out = ds.map(_RayStep, fn_constructor_args=(step_cls, step_kwargs),
-                     compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=opts.num_gpus or None)
+        actors = dict(fn_constructor_args=(step_cls, step_kwargs), compute=ray.data.ActorPoolStrategy(size=workers),
+                      num_cpus=1, num_gpus=opts.num_gpus or None)
+        if model_batch:
+            out = ds.map_batches(_RayModelStep, batch_size=model_batch, batch_format="numpy", **actors)
+        else:
+            out = ds.map(_RayStep, **actors)
         return _in_order([row["envelope"] for row in out.take_all()], len(items))
     finally:
         if started_here:

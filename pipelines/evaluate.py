@@ -32,6 +32,7 @@ from transforms.shards import atomic_file, read_segments
 DEFAULT_MODELS = ("me-chunk:rlap", "me-chunk:pure", "me-flow:rlap", "green", "chrom", "pos")
 PASSES_PIPELINE_ARGS = True
 WORST_SHOWN = 4  # recordings whose waveforms the report shows
+RECORDINGS_PER_CALL = 4  # items sorted by length, so a call's recordings are alike
 
 PREDICTION_SCHEMA = pa.schema([
     ("recording_id", pa.string()), ("subject_id", pa.string()), ("dataset", pa.string()),
@@ -187,7 +188,8 @@ def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_b
     step_kwargs = {"input_uri": input_uri, "parts_uri": f"{output_uri.rstrip('/')}/{parts_name}",
                    "models": list(models), "windows": list(windows)}
     try:
-        results = run_step(EvaluateStep, step_kwargs, items, opts, output_uri)
+        # a model step: Beam's RunInference / Ray's map_batches, recordings of similar length per call
+        results = run_step(EvaluateStep, step_kwargs, items, opts, output_uri, model_batch=RECORDINGS_PER_CALL)
         _merge_parts(out_fs, parts, f"{out_root}/predictions.parquet")
     finally:
         out_fs.rm(parts, recursive=True)

@@ -37,6 +37,15 @@ def test_results_come_back_in_input_order(engine, tmp_path):
     assert not list(tmp_path.iterdir()), "the hand-over file is removed"
 
 
+@pytest.mark.parametrize("engine", ["beam", "ray"])
+def test_model_steps_run_batched_with_the_same_results(engine, tmp_path):
+    # Beam: a RunInference model handler; Ray: map_batches over an actor pool
+    items = [{"x": x} for x in [5, 3, -1, 8, 0, 2, 7]]
+    opts = EngineOptions(engine, workers=2)
+    batched = run_step(SquareStep, {"offset": 1}, items, opts, str(tmp_path), model_batch=3)
+    assert [r.get("y") for r in batched] == [26, 10, None, 65, 1, 5, 50]
+
+
 def test_no_items_starts_no_engine(tmp_path):
     assert run_step(SquareStep, {"offset": 0}, [], EngineOptions("ray"), str(tmp_path)) == []
 
