@@ -47,13 +47,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
+import benchlib  # noqa: E402
 from benchlib import StageClock, machine_info  # noqa: E402
 
 SIZE = (640, 480)
 CODEC = "h264-crf20"  # a typical lossy camera file (yuv420p)
 SEED = 11
 BASELINE_BOX_COEF = 1.5  # rPPG-Toolbox's LARGER_BOX_COEF in its shipped configs
-MARK = "@@BENCH@@"  # prefix of a child's one result line on stdout
+MARK = benchlib.MARK
 
 
 # ---- test videos ----
@@ -309,20 +310,7 @@ CHILDREN = {"decode": child_decode, "preprocess": child_preprocess, "baseline": 
 
 
 def run_child(kind: str, spec: dict, label: str) -> dict:
-    """Run one measurement in a fresh interpreter; its result with peak RSS and the load average after."""
-    print(f"{label} ...", flush=True)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)],
-                          capture_output=True, text=True, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if not lines:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
-        raise RuntimeError(f"{label} failed (exit {proc.returncode}):\n{tail}")
-    result = json.loads(lines[-1][len(MARK):])
-    if proc.returncode != 0:  # the result was complete; a crash in interpreter teardown is only noted
-        result["exit_code"] = proc.returncode
-        print(f"  note: exit code {proc.returncode} after the result was written", flush=True)
-    result["load_after"] = os.getloadavg()
-    return result
+    return benchlib.run_child(__file__, kind, spec, label)
 
 
 def child_main(kind: str, spec_json: str) -> int:

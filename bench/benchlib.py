@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+MARK = "@@BENCH@@"  # prefix of a child's one result line on stdout
 
 class StageClock:
     """Adds up seconds spent inside wrapped functions and generators, by stage name."""
@@ -65,3 +70,21 @@ def machine_info(packages, **extra) -> dict:
         "packages": package_versions(packages),
         **extra,
     }
+
+
+def run_child(script: str, kind: str, spec: dict, label: str) -> dict:
+    """Run one measurement (`script --child KIND SPEC`) in a fresh interpreter, so peaks don't mix;
+    its result with the load average after."""
+    print(f"{label} ...", flush=True)
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--child", kind, json.dumps(spec)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
+        raise RuntimeError(f"{label} failed (exit {proc.returncode}):\n{tail}")
+    result = json.loads(lines[-1][len(MARK):])
+    if proc.returncode != 0:  # the result was complete; a crash in interpreter teardown is only noted
+        result["exit_code"] = proc.returncode
+        print(f"  note: exit code {proc.returncode} after the result was written", flush=True)
+    result["load_after"] = os.getloadavg()
+    return result

@@ -343,7 +343,7 @@ def error_by_hr_bin(rows: Iterable[dict], bins: Iterable[float] = range(30, 190,
     errors: dict[str, list[list[float]]] = {}
     for r in rows:
         per_bin = errors.setdefault(r["model"], [[] for _ in range(edges.size - 1)])
-        pred, true = _as_float(r["hr_pred"]), _as_float(r["hr_true"])
+        pred, true = _as_float(r.get("hr_pred")), _as_float(r.get("hr_true"))  # failed rows lack HRs
         if math.isnan(pred) or math.isnan(true) or not edges[0] <= true <= edges[-1]:
             continue
         i = min(int(np.searchsorted(edges, true, side="right")) - 1, edges.size - 2)
