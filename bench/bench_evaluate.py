@@ -8,15 +8,18 @@ Every measurement runs in a fresh subprocess of this Python. It measures:
 1. direct: in one process, `ModelSet(["me-chunk:rlap"]).predictors()` fed each recording's shard
    (`read_segments`, every column, as EvaluateStep reads it) then `finish()`; the first recording is a
    warm-up (it pays the XLA compile) and is left out of frames/s; model load and warm-up are reported apart;
-2. step: `EvaluateStep` called directly in the same process (no engine) on the same recordings, warm-up
-   excluded the same way: the step's own work (heart rates, windows, its part file) over bare inference;
+2. step: `EvaluateStep` called directly in the same process (no engine) on the same recordings, one per
+   call, warm-up excluded the same way: the step's own work (heart rates, windows, its part file) over bare
+   inference;
 3. engines: `run_evaluate(input, output, ("me-chunk:rlap",), [10.0], EngineOptions(engine, workers=W),
    n_boot=100)` for each engine and W; wall time and frames/s. The fixed cost is the wall time of the same
    call on W tiny recordings (--tiny-seconds each, one per worker, so each worker starts, loads the model
    and compiles once); it includes their few frames of inference and the driver's report for them. frames/s
    is given including and excluding it, and overhead = 1 - engine fps / (direct fps x W) both ways. The
    full run's wall time is split with a stage clock into run_step (the engine), merging the part files,
-   metrics (bootstrap), report (HTML and PNGs) and the rest (manifest read, work items).
+   metrics (bootstrap), report (HTML and PNGs) and the rest (manifest read, work items);
+4. batching: in one process, every recording through `ModelSet.feed` in buckets of B recordings for each B
+   of --batch-sizes (one device call per 160-frame block serves the bucket), frames/s and the ratio to B=1.
 
 CPU use: the direct child's own user+sys seconds give frames per CPU-second; for every child the machine's
 busy cores over its measurement are read from /proc/stat (this includes other processes). The direct run's
@@ -28,7 +31,7 @@ nothing. Other processes on this machine add time: the load average is printed b
 Usage:
 
     .venv/bin/python bench/bench_evaluate.py [--workdir DIR] [--seconds 60] [--subjects 4]
-        [--engines beam ray] [--workers 1 2] [--json bench/results/evaluate.json] [--quick]
+        [--engines beam ray] [--workers 1 2] [--batch-sizes 1 4] [--json bench/results/evaluate.json] [--quick]
 """
 from __future__ import annotations
 
@@ -38,7 +41,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
 import benchlib  # noqa: E402
-from benchlib import StageClock, machine_info  # noqa: E402
+from benchlib import StageClock  # noqa: E402
 
 SIZE = (320, 240)
 CODEC = "h264-crf20"  # a typical lossy camera file (yuv420p)
@@ -122,11 +124,9 @@ def child_direct(spec: dict) -> dict:
     items = [i for i in work_items(manifest_rows(spec["input"])) if not i["reason"]]
 
     def infer(models: ModelSet, item: dict) -> int:
-        predictors = models.predictors()
-        for seg in read_segments(f"{root.rstrip('/')}/{item['shard']}", fs, columns=None):
-            for p in predictors.values():
-                p.push(seg.frames, seg.face_found)
-        return sum(len(p.finish()) for p in predictors.values()) // len(predictors)
+        segments = read_segments(f"{root.rstrip('/')}/{item['shard']}", fs, columns=None)
+        predictors = models.feed([((seg.frames, seg.face_found) for seg in segments)])
+        return sum(len(p.finish()[0]) for p in predictors.values()) // len(predictors)
 
     t0 = time.perf_counter()
     models = ModelSet(MODELS)
@@ -145,9 +145,9 @@ def child_direct(spec: dict) -> dict:
         t0 = time.perf_counter()
         step = EvaluateStep(spec["input"], parts, list(MODELS), list(WINDOWS))
         setup_s = time.perf_counter() - t0
-        step(items[0])  # warm-up, as above (compiled already: the jitted function is shared in-process)
+        step({"index": 0, "recordings": [items[0]]})  # warm-up, as above (the jitted function is shared in-process)
         jiffies, cpu0, t0 = _machine_jiffies(), _cpu_s(), time.perf_counter()
-        rows = [r for item in items[1:] for r in step(item)["rows"]]
+        rows = [r for k, item in enumerate(items[1:], 1) for r in step({"index": k, "recordings": [item]})["rows"]]
         wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
     finally:
         shutil.rmtree(parts, ignore_errors=True)
@@ -191,7 +191,38 @@ def child_engine(spec: dict) -> dict:
             "failed": [r["reason"] for r in rows if r["status"] != "ok"], "opts": dataclasses.asdict(opts)}
 
 
-CHILDREN = {"direct": child_direct, "engine": child_engine}
+def child_batched(spec: dict) -> dict:
+    """Every recording through the models in buckets of B (one device call per block serves B), for each B;
+    a warm-up bucket first per B (it pays that shape's compile)."""
+    import fsspec
+    import jax
+
+    from pipelines.evaluate import work_items
+    from pipelines.predictors import ModelSet
+    from transforms.shards import read_segments
+
+    fs, root = fsspec.core.url_to_fs(spec["input"])
+    items = [i for i in work_items(manifest_rows(spec["input"])) if not i["reason"]]
+    models = ModelSet(MODELS)
+
+    def run(bucket: list[dict]) -> int:
+        streams = [((seg.frames, seg.face_found) for seg in read_segments(f"{root.rstrip('/')}/{i['shard']}", fs))
+                   for i in bucket]
+        outputs = [p.finish() for p in models.feed(streams).values()]
+        return sum(len(b) for b in outputs[0])
+
+    out = {"device": str(jax.devices()[0]), "recordings": len(items), "by_batch": {}}
+    for b in spec["batch_sizes"]:
+        t0 = time.perf_counter()
+        run(items[:b])
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        frames = sum(run(items[s:s + b]) for s in range(0, len(items), b))
+        out["by_batch"][str(b)] = {"frames": frames, "wall_s": time.perf_counter() - t0, "warmup_s": warm}
+    return out
+
+
+CHILDREN = {"direct": child_direct, "engine": child_engine, "batched": child_batched}
 
 
 def run_child(kind: str, spec: dict, label: str) -> dict:
@@ -305,10 +336,19 @@ def print_table(report: dict) -> None:
               "what run_step would take with no overhead at all: run_step-that minus direct-time is the engine's "
               "remaining per-frame cost)")
 
-    m = report["machine"]
-    print()
-    print(f"load average (1, 5, 15 min): before {tuple(round(x, 2) for x in m['load_before'])}, after "
-          f"{tuple(round(x, 2) for x in m['load_after'])} on {m['cpu_count']} CPUs; other processes add time")
+    if report["batched"]:
+        b = report["batched"]
+        base = b["by_batch"].get("1")
+        print()
+        print(f"4. recordings per device call, in-process on {b['device']}: {a['models'][0]} over {b['recordings']} "
+              "recordings in buckets of B (warm-up bucket left out)")
+        print(f"{'B':>6}{'frames':>10}{'wall s':>9}{'fps':>10}{'vs B=1':>9}")
+        for size, r in b["by_batch"].items():
+            speed = r["frames"] / r["wall_s"]
+            ratio = speed / (base["frames"] / base["wall_s"]) if base else None
+            print(f"{size:>6}{r['frames']:>10}{r['wall_s']:>9.2f}{speed:>10.1f}{fmt(ratio, '.2f'):>9}")
+
+    benchlib.print_load(report["machine"])
 
 
 # ---- main ----
@@ -326,6 +366,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", nargs="*", choices=("beam", "ray"), default=["beam", "ray"],
                    help="engines to time (default: beam ray; none: direct only)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default: 1 2)")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4],
+                   help="recordings per device call to time, in-process (default: 1 4; none: skip; "
+                        "on a GPU e.g. 1 16 64 with as many --subjects)")
     p.add_argument("--n-boot", type=int, default=N_BOOT, help=f"bootstrap resamples in run_evaluate (default: {N_BOOT})")
     p.add_argument("--json", type=Path, default=REPO / "bench/results/evaluate.json", help="where to write JSON")
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 x 12 s recordings")
@@ -345,41 +388,35 @@ def main(argv=None) -> int:
     if args.child:
         return child_main(*args.child)
 
-    load_before = os.getloadavg()
-    print(f"load average before: {load_before} on {os.cpu_count()} CPUs", flush=True)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="pulsepipe-bench-evaluate-"))
-    started = time.perf_counter()
-    try:
+    def measure(scratch: Path) -> dict:
         full = preprocessed(args.workdir, args.subjects, args.seconds)
         tiny = {w: preprocessed(args.workdir, w, args.tiny_seconds) for w in sorted(set(args.workers))}
         direct = run_child("direct", {"input": str(full)},
                            f"direct inference and EvaluateStep in-process on {args.subjects} recordings")
-        engines = measure_engines(full, tiny, scratch, args.engines, args.workers, args.n_boot)
-    except RuntimeError as e:
-        print(f"bench_evaluate: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        batched = (run_child("batched", {"input": str(full), "batch_sizes": args.batch_sizes},
+                             f"recordings per device call {args.batch_sizes}, in-process")
+                   if args.batch_sizes else None)
+        return {"input": str(full), "direct": direct, "batched": batched,
+                "engines": measure_engines(full, tiny, scratch, args.engines, args.workers, args.n_boot)}
 
+    done = benchlib.run_bench("evaluate", args.workdir, measure,
+                              ("pulsepipe", "numpy", "jax", "jaxlib", "pyarrow", "apache-beam", "ray"))
+    if done is None:
+        return 2
+    results, machine = done
     report = {
         "benchmark": "evaluate",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "args": {"seconds": args.seconds, "subjects": args.subjects, "tiny_seconds": args.tiny_seconds,
-                 "engines": args.engines, "workers": args.workers, "n_boot": args.n_boot, "quick": args.quick,
-                 "models": list(MODELS), "windows": list(WINDOWS), "size": list(SIZE), "codec": CODEC,
-                 "seed": SEED, "input": str(full)},
-        "machine": {**machine_info(("pulsepipe", "numpy", "jax", "jaxlib", "pyarrow", "apache-beam", "ray")),
-                    "load_before": load_before, "load_after": os.getloadavg(),
-                    "bench_wall_s": time.perf_counter() - started},
-        "direct": direct,
-        "engines": engines,
+                 "engines": args.engines, "workers": args.workers, "batch_sizes": args.batch_sizes,
+                 "n_boot": args.n_boot, "quick": args.quick, "models": list(MODELS), "windows": list(WINDOWS),
+                 "size": list(SIZE), "codec": CODEC, "seed": SEED, "input": results.pop("input")},
+        "machine": machine,
+        **results,
     }
     report["summary"] = summarise(report)
     print_table(report)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(f"\nwrote {args.json}")
+    benchlib.write_json(report, args.json)
     return 0
 
 

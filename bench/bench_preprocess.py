@@ -38,7 +38,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
 import benchlib  # noqa: E402
-from benchlib import StageClock, machine_info  # noqa: E402
+from benchlib import StageClock  # noqa: E402
 
 SIZE = (640, 480)
 CODEC = "h264-crf20"  # a typical lossy camera file (yuv420p)
@@ -453,11 +452,7 @@ def print_table(report: dict) -> None:
     print(f"({p['detect_calls']} detections, {1e3 * p['stages_s'].get('detect', 0) / max(p['detect_calls'], 1):.1f} ms "
           f"each; {p['crop_calls']} crops)")
 
-    m = report["machine"]
-    print()
-    print(f"load average (1, 5, 15 min): before {tuple(round(x, 2) for x in m['load_before'])}, after "
-          f"{tuple(round(x, 2) for x in m['load_after'])} on {m['cpu_count']} CPUs; other processes add time")
-
+    benchlib.print_load(report["machine"])
 
 
 # ---- main ----
@@ -496,24 +491,22 @@ def main(argv=None) -> int:
         return child_main(*args.child)
     from pipelines.preprocess import load_config
 
-    load_before = os.getloadavg()
-    print(f"load average before: {load_before} on {os.cpu_count()} CPUs", flush=True)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="pulsepipe-bench-preprocess-"))
-    started = time.perf_counter()
-    try:
+    def measure(scratch: Path) -> dict:
         recordings = cohort(args.workdir, args.recordings, args.seconds)
-        throughput = measure_throughput(recordings, scratch, load_config(None))
-        profile = run_child("preprocess", {"cohort": str(recordings), "output": str(scratch / "profile"),
-                                           "profile": True}, "instrumented PreprocessStep on one recording")
-        memory = measure_memory(args.workdir, scratch, args.long_minutes, args.baseline_max_gb)
-        engines = measure_engines(recordings, scratch, args.engines)
-    except RuntimeError as e:
-        print(f"bench_preprocess: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        return {
+            "throughput": measure_throughput(recordings, scratch, load_config(None)),
+            "profile": run_child("preprocess", {"cohort": str(recordings), "output": str(scratch / "profile"),
+                                                "profile": True}, "instrumented PreprocessStep on one recording"),
+            "memory": measure_memory(args.workdir, scratch, args.long_minutes, args.baseline_max_gb),
+            "engines": measure_engines(recordings, scratch, args.engines),
+        }
 
+    done = benchlib.run_bench("preprocess", args.workdir, measure, ("pulsepipe", "numpy", "av", "mediapipe",
+                                                                    "opencv-python-headless", "pyarrow",
+                                                                    "apache-beam", "ray"))
+    if done is None:
+        return 2
+    results, machine = done
     report = {
         "benchmark": "preprocess",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -522,17 +515,11 @@ def main(argv=None) -> int:
                  "size": list(SIZE), "codec": CODEC, "seed": SEED, "config": load_config(None),
                  "long_videos": "the first length rendered by transforms.synth, longer ones its H.264 packets "
                                 "stream-copied in a loop with the truth tiled"},
-        "machine": {**machine_info(("pulsepipe", "numpy", "av", "mediapipe", "opencv-contrib-python", "pyarrow", "apache-beam", "ray")), "load_before": load_before, "load_after": os.getloadavg(),
-                    "bench_wall_s": time.perf_counter() - started},
-        "throughput": throughput,
-        "memory": memory,
-        "engines": engines,
-        "profile": profile,
+        "machine": machine,
+        **results,
     }
     print_table(report)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(f"\nwrote {args.json}")
+    benchlib.write_json(report, args.json)
     return 0
 
 

@@ -151,11 +151,9 @@ def stage_profile(path: Path, model: str) -> dict:
         t0 = time.perf_counter()
         blocks = list(iter_face_crops(path, detector=detector))
         crops_s = time.perf_counter() - t0
-    predictor = ModelSet([model]).predictors()[model]  # warm: the jit cache is filled by the earlier runs
+    models = ModelSet([model])  # warm: the jit cache is filled by the earlier runs
     t0 = time.perf_counter()
-    for b in blocks:
-        predictor.push(b.crops, b.face_found)
-    predictor.finish()
+    models.feed([[(b.crops, b.face_found) for b in blocks]])[model].finish()
     model_s = time.perf_counter() - t0
     s = clock.seconds
     return {
@@ -174,7 +172,7 @@ def run_reference(ref_python: Path, model: str, warmup: Path, video: Path, repea
     env = dict(os.environ)
     env.pop("KERAS_BACKEND", None)  # rppg sets jax itself
     proc = subprocess.run(
-        [str(ref_python), "-c", REF_SCRIPT, REF_MODEL[model], str(warmup), str(video), str(repeat)],
+        [str(ref_python.absolute()), "-c", REF_SCRIPT, REF_MODEL[model], str(warmup), str(video), str(repeat)],
         capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(),
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@REF@@")]

@@ -5,8 +5,10 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,3 +90,36 @@ def run_child(script: str, kind: str, spec: dict, label: str) -> dict:
         print(f"  note: exit code {proc.returncode} after the result was written", flush=True)
     result["load_after"] = os.getloadavg()
     return result
+
+
+def run_bench(name: str, workdir: Path, measure, packages) -> tuple[dict, dict] | None:
+    """The frame of a bench's main: print the load average, make `workdir` (test data kept for reuse) and a
+    scratch folder (removed afterwards), run `measure(scratch) -> results`. Returns (results, machine: what
+    it ran on with the load average before and after), or None after printing a failed measurement."""
+    load_before = os.getloadavg()
+    print(f"load average before: {load_before} on {os.cpu_count()} CPUs", flush=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"pulsepipe-bench-{name}-"))
+    started = time.perf_counter()
+    try:
+        results = measure(scratch)
+    except RuntimeError as e:
+        print(f"bench_{name}: {e}", file=sys.stderr)
+        return None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results, {**machine_info(packages), "load_before": load_before, "load_after": os.getloadavg(),
+                     "bench_wall_s": time.perf_counter() - started}
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(f"\nwrote {path}")
+
+
+def print_load(machine: dict) -> None:
+    print()
+    print(f"load average (1, 5, 15 min): before {tuple(round(x, 2) for x in machine['load_before'])}, after "
+          f"{tuple(round(x, 2) for x in machine['load_after'])} on {machine['cpu_count']} CPUs; "
+          "other processes add time")

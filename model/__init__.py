@@ -3,6 +3,7 @@
     m = model.load()                                    # rlap weights
     bvp, state = model.apply_chunk(m.params, frames, m.init_state())    # frames uint8 (T, 36, 36, 3)
     y, state = model.flow_step(m.params, frame, m.init_state())         # one frame at a time
+    bvp, state = model.flow_frames(m.params, frames, m.init_state())    # flow mode over a run, one call
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ME, MEConfig
-from model.me_rppg import MEState, apply_chunk, flow_step, init_state, param_count
+from model.me_rppg import MEState, apply_chunk, flow_frames, flow_step, init_state, param_count
 
-__all__ = ["MEConfig", "MEModel", "MEState", "apply_chunk", "flow_step", "init_state", "load", "param_count"]
+__all__ = ["MEConfig", "MEModel", "MEState", "apply_chunk", "flow_frames", "flow_step", "init_state", "load", "param_count"]
 
 
 @dataclass(frozen=True)

@@ -303,6 +303,13 @@ def apply_chunk(params, frames, state: MEState, cfg: MEConfig = ME):
     return (bvp[0] if single else bvp), state
 
 
+def _flow_frame(params, frame, state: MEState, dt, cfg: MEConfig):
+    """One flow step on uint8 frames (b, 36, 36, 3) -> BVP (b,), new state."""
+    x = (frame.astype(jnp.float32) / 255.0)[:, None]  # (b, 1, 36, 36, 3)
+    y, state = _network(params, x, state, cfg, flow_dt=jnp.asarray(dt, jnp.float32))
+    return y[:, 0], state
+
+
 @_jit
 def flow_step(params, frame, state: MEState, dt=1 / 30, cfg: MEConfig = ME):
     """Flow mode, one frame. frame: uint8 (b, 36, 36, 3) or (36, 36, 3); dt: seconds since the last frame.
@@ -313,6 +320,25 @@ def flow_step(params, frame, state: MEState, dt=1 / 30, cfg: MEConfig = ME):
     single = frame.ndim == 3
     x = frame[None] if single else frame
     _check_state(state, x.shape[0], "flow_step")
-    x = (x.astype(jnp.float32) / 255.0)[:, None]  # (b, 1, 36, 36, 3)
-    y, state = _network(params, x, state, cfg, flow_dt=jnp.asarray(dt, jnp.float32))
-    return (y[0, 0] if single else y[:, 0]), state
+    y, state = _flow_frame(params, x, state, dt, cfg)
+    return (y[0] if single else y), state
+
+
+@_jit
+def flow_frames(params, frames, state: MEState, dt=1 / 30, cfg: MEConfig = ME):
+    """Flow mode over a run of frames at a fixed dt: flow_step on each frame in turn under `lax.scan`.
+
+    frames: uint8 (b, T, 36, 36, 3) or (T, 36, 36, 3). Returns BVP (b, T) or (T,), and the new state.
+    The same outputs as T calls of flow_step, in one call (no dispatch per frame), for offline evaluation.
+    """
+    _check_frames(frames, cfg, 4, "flow_frames")
+    single = frames.ndim == 4
+    x = frames[None] if single else frames
+    _check_state(state, x.shape[0], "flow_frames")
+
+    def body(s, frame):
+        y, s = _flow_frame(params, frame, s, dt, cfg)
+        return s, y
+
+    state, ys = jax.lax.scan(body, state, x.swapaxes(0, 1))  # ys: (T, b)
+    return (ys[:, 0] if single else ys.swapaxes(0, 1)), state

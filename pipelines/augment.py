@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import posixpath
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,8 +21,8 @@ import numpy as np
 
 from pipelines.engines import add_engine_arguments, engine_options, run_step
 from transforms.augment import BIN_BPM, FACTOR_RANGE, TimeScaler, choose_factors, hr_bins, hr_histogram
-from transforms.manifest import (by_recording, config_hash, read_manifest, remove_stale_shards, up_to_date,
-                                 write_manifest)
+from transforms.manifest import (by_recording, config_hash, fill_row, read_manifest, remove_stale_shards,
+                                 up_to_date, write_manifest)
 from transforms.shards import FPS, SEGMENT_FRAMES, SegmentBuilder, ShardWriter, read_segments
 from transforms.signal import heart_rate
 
@@ -77,24 +76,13 @@ class AugmentStep:
 
     def __call__(self, item: dict) -> dict:
         src = item["source"]
-        started = time.perf_counter()
         metadata = {**json.loads(src["metadata_json"] or "{}"), "augment_source": src["recording_id"],
                     "augment_scale": item["factor"], "source_hr_bpm": item["source_hr"],
                     "target_hr_bpm": round(item["source_hr"] * item["factor"], 3)}
         row = {"recording_id": item["recording_id"], "subject_id": src["subject_id"], "dataset": src["dataset"],
                "source_uri": src["source_uri"], "fingerprint": item["fingerprint"],
                "config_hash": item["config_hash"], "metadata_json": json.dumps(metadata, sort_keys=True)}
-        try:
-            row.update(self._process(item))
-            row.update(status="ok", reason=None)
-        except AugmentFailed as e:
-            row.update(status="failed", reason=str(e))
-        except Exception as e:  # noqa: BLE001 - a bug must not drop the recording: it becomes a dead letter
-            row.update(status="failed", reason=f"{src['shard']}: internal error: {type(e).__name__}: {e}")
-        row["elapsed_s"] = round(time.perf_counter() - started, 3)
-        print(f"  {row['dataset']}/{row['recording_id']}: {row['status']}"
-              + (f" ({row['reason']})" if row["reason"] else f", {row['n_frames']} frames"), file=sys.stderr)
-        return row
+        return fill_row(row, lambda: self._process(item), (AugmentFailed,), src["shard"])
 
     def _process(self, item: dict) -> dict:
         src, factor = item["source"], item["factor"]

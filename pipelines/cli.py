@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args._module, "PASSES_PIPELINE_ARGS", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.pipeline_args = extra  # Beam pipeline options (--runner=DataflowRunner ...), passed through
-    return int(args._module.main(args) or 0)
+    from pipelines.engines import EngineError
+
+    try:
+        return int(args._module.main(args) or 0)
+    except EngineError as e:
+        print(f"pulsepipe {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,15 +12,24 @@ Ray joins --ray-address.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import re
+import sys
+import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import fsspec
 
 ENGINES = ("beam", "ray")
+
+
+class EngineError(RuntimeError):
+    """The engine cannot run the job as asked (e.g. GPUs asked for and absent); str says why."""
 
 
 @dataclass(frozen=True)
@@ -36,11 +45,18 @@ class EngineOptions:
         return self.workers or os.cpu_count() or 1
 
 
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+def add_engine_arguments(p: argparse.ArgumentParser, gpus: bool = False) -> None:
+    """The engine options; gpus: the job runs a model, so its workers may ask for GPUs."""
     g = p.add_argument_group("engine")
     g.add_argument("--engine", choices=ENGINES, default="beam", help="Apache Beam or Ray Data (default: beam)")
     g.add_argument("--workers", type=int, default=0, help="local worker processes (default: one per core)")
     g.add_argument("--ray-address", help="address of a running Ray cluster (default: start Ray in-process)")
+    if gpus:
+        g.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="N",
+                       help="GPUs per model worker. Ray: num_gpus of each actor, locally one actor per share "
+                            "of this machine's GPUs; local Beam: one worker on a GPU; Beam on a cluster: give the "
+                            "runner's accelerator options. Needs JAX with CUDA (pip install -e '.[gpu]'). "
+                            "Default 0: CPU")
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
@@ -48,7 +64,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     if extra and args.engine != "beam":
         raise SystemExit(f"pulsepipe: error: unrecognized arguments: {' '.join(extra)} "
                          "(only --engine beam passes pipeline options through)")
-    return EngineOptions(args.engine, args.workers, args.ray_address, extra)
+    return EngineOptions(args.engine, args.workers, args.ray_address, extra, getattr(args, "gpus_per_worker", 0.0))
 
 
 def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions, work_uri: str,
@@ -62,8 +78,11 @@ def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions
     """
     if not items:
         return []
+    if opts.num_gpus and not opts.ray_address and not _beam_cluster(opts):
+        opts = _local_gpu_workers(opts)
     if opts.engine == "beam":
-        return _run_beam(step_cls, step_kwargs, items, opts, work_uri, model_batch)
+        with _without_beam_harness_logs():
+            return _run_beam(step_cls, step_kwargs, items, opts, work_uri, model_batch)
     if opts.engine == "ray":
         return _run_ray(step_cls, step_kwargs, items, opts, model_batch)
     raise ValueError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
@@ -137,8 +156,63 @@ def _run_beam(step_cls, step_kwargs, items, opts: EngineOptions, work_uri: str, 
         fs.rm(path)
 
 
+# Beam's local worker processes log at INFO (the pipeline options that set their level do not reach them):
+# their start-up and shutdown, and any library's INFO lines; the driver echoes their warnings. Dropped: INFO
+# and DEBUG lines, and warnings of the root, __main__ and apache_beam loggers. Errors and the rest pass.
+_BEAM_HARNESS_LOG = re.compile(rb"^((DEBUG|INFO):[\w.]+|WARNING:(root|__main__|apache_beam[\w.]*)):")
+
+
+@contextmanager
+def _without_beam_harness_logs():
+    """Filter this process's stderr (file descriptor 2, which Beam's worker processes inherit) through a
+    thread that drops Beam's harness log lines while the pipeline runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump():
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not _BEAM_HARNESS_LOG.match(line):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, name="beam-log-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer here; the workers holding it have ended with the pipeline
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            os.close(saved)
+
+
+def _beam_cluster(opts: EngineOptions) -> bool:
+    return opts.engine == "beam" and any(a.startswith("--runner") for a in opts.pipeline_args)
+
+
+def _local_gpu_workers(opts: EngineOptions) -> EngineOptions:
+    """Local workers that ask for GPUs: check this machine has them and run one worker per GPU share
+    (Ray pins each actor to its GPUs; Beam's local workers cannot be pinned, so it runs one)."""
+    # the driver only counts GPUs; without this its JAX client would reserve most of the GPU memory the
+    # workers need (they inherit the setting too, so several processes can share one GPU)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    gpus = len(jax.devices("gpu")) if jax.default_backend() == "gpu" else 0
+    if gpus < opts.num_gpus:
+        raise EngineError(f"{opts.num_gpus:g} GPU per worker asked for, but JAX on this machine sees {gpus} "
+                          f"(backend: {jax.default_backend()}); install JAX with CUDA (pip install -e '.[gpu]') "
+                          "or leave out --gpus-per-worker")
+    workers = 1 if opts.engine == "beam" else int(gpus // opts.num_gpus)
+    return dataclasses.replace(opts, workers=min(opts.local_workers, workers))
+
+
 def _beam_runner(opts: EngineOptions):
-    if any(a.startswith("--runner") for a in opts.pipeline_args):
+    if _beam_cluster(opts):
         return None, opts.pipeline_args  # a cluster runner named by the user
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
@@ -186,7 +260,7 @@ def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int
 
     started_here = not ray.is_initialized()
     if started_here:
-        quiet = dict(logging_level=logging.WARNING, log_to_driver=True)  # workers' progress lines still show
+        quiet = dict(logging_level=logging.ERROR, log_to_driver=True)  # workers' progress lines still show
         if opts.ray_address:
             ray.init(address=opts.ray_address, **quiet)
         else:
@@ -195,7 +269,7 @@ def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int
         import ray.data
 
         _check_gpus(ray, opts.num_gpus)
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         ray.data.DataContext.get_current().enable_progress_bars = False
         workers = min(opts.local_workers if not opts.ray_address else len(items), len(items))
         ds = ray.data.from_items([{"envelope": e} for e in _envelopes(items)], override_num_blocks=len(items))
@@ -214,5 +288,5 @@ def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int
 def _check_gpus(ray, num_gpus: float) -> None:
     # an actor asking for a GPU the cluster lacks waits forever: fail now, with the reason
     if num_gpus and ray.cluster_resources().get("GPU", 0) < num_gpus:
-        raise RuntimeError(f"{num_gpus} GPU per worker asked for, but the Ray cluster has "
+        raise EngineError(f"{num_gpus:g} GPU per worker asked for, but the Ray cluster has "
                            f"{ray.cluster_resources().get('GPU', 0):g} GPUs")

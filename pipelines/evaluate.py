@@ -32,7 +32,8 @@ from transforms.shards import atomic_file, read_segments
 DEFAULT_MODELS = ("me-chunk:rlap", "me-chunk:pure", "me-flow:rlap", "green", "chrom", "pos")
 PASSES_PIPELINE_ARGS = True
 WORST_SHOWN = 4  # recordings whose waveforms the report shows
-RECORDINGS_PER_CALL = 4  # items sorted by length, so a call's recordings are alike
+RECORDINGS_PER_CALL = 4  # default bucket size on CPU; a GPU wants many more (--recordings-per-call)
+BUCKET_MIN_FILL = 0.75  # a bucket's shortest recording is at least this fraction of its longest
 
 PREDICTION_SCHEMA = pa.schema([
     ("recording_id", pa.string()), ("subject_id", pa.string()), ("dataset", pa.string()),
@@ -62,13 +63,67 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="metadata keys to break metrics down by (default: every key with at most 12 values)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of subjects (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
-    add_engine_arguments(p)
+    p.add_argument("--recordings-per-call", type=_positive_int, default=RECORDINGS_PER_CALL, metavar="B",
+                   help=f"recordings of similar length run together, one device call per 160 frames of all B "
+                        f"(default: {RECORDINGS_PER_CALL}; on a GPU, 32-128)")
+    add_engine_arguments(p, gpus=True)
 
 
-# ---- the step: one recording, every model -----------------------------------------------------------
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
+# ---- the step: a bucket of recordings, every model --------------------------------------------------
+
+class _Recording:
+    """One recording's shard, read segment by segment: crops go to the models, flags and truth stay here.
+    A shard that cannot be read ends its stream early with `error` set; the bucket's others go on."""
+
+    def __init__(self, item: dict, fs, root: str):
+        self.item, self.fs = item, fs
+        self.uri = f"{root.rstrip('/')}/{item['shard']}"
+        self.error: str | None = item.get("reason")
+        self.found: list[np.ndarray] = []
+        self.truth: list[np.ndarray | None] = []
+
+    def crops(self):
+        if self.error:
+            return
+        n_expected = 0
+        try:
+            for seg in read_segments(self.uri, self.fs, columns=None):
+                if seg.start_frame != n_expected:
+                    raise EvaluationFailed(f"{self.uri}: segment {seg.segment_index} starts at frame "
+                                           f"{seg.start_frame}, expected {n_expected}")
+                n_expected += seg.n_frames
+                self.found.append(np.asarray(seg.face_found, bool))
+                self.truth.append(None if seg.bvp is None else np.asarray(seg.bvp, np.float64))
+                yield seg.frames, seg.face_found
+        except EvaluationFailed as e:
+            self.error = str(e)
+        except Exception as e:  # noqa: BLE001 - an unreadable shard fails its recording, not the bucket
+            self.error = f"{self.uri}: cannot read the shard: {type(e).__name__}: {e}"
+
+    def check(self) -> None:
+        """Set `error` if the recording cannot be scored; otherwise `face`, `bvp_true` and `usable`."""
+        if self.error:
+            return
+        if not self.found:
+            self.error = f"{self.uri}: the shard holds no segments"
+        elif any(t is None for t in self.truth):
+            self.error = f"{self.uri}: no ground-truth BVP: a layout without truth cannot be scored"
+        else:
+            self.face, self.bvp_true = np.concatenate(self.found), np.concatenate(self.truth)
+            self.usable = self.face & np.isfinite(self.bvp_true)
+            if self.usable.sum() < 2 * FPS:
+                self.error = f"{self.uri}: only {self.usable.sum() / FPS:.1f} s with a face and ground truth"
+
 
 class EvaluateStep:
-    """One recording's shard through every model; writes its prediction rows as a part file."""
+    """A bucket of recordings of similar length through every model in lockstep (one device call per
+    160-frame block serves the whole bucket); writes the bucket's prediction rows as a part file."""
 
     def __init__(self, input_uri: str, parts_uri: str, models: list[str], windows: list[float]):
         self.in_fs, self.in_root = fsspec.core.url_to_fs(input_uri)
@@ -76,58 +131,45 @@ class EvaluateStep:
         self.models = ModelSet(models)
         self.windows = windows
 
-    def __call__(self, item: dict) -> dict:
+    def __call__(self, bucket: dict) -> dict:
         started = time.perf_counter()
-        base = {k: item[k] for k in ("recording_id", "subject_id", "dataset", "metadata_json")}
+        recordings = [_Recording(item, self.in_fs, self.in_root) for item in bucket["recordings"]]
         try:
-            if item.get("reason"):
-                raise EvaluationFailed(item["reason"])
-            rows = self._predict(item)
-        except EvaluationFailed as e:
-            rows = [{**base, "model": m, "status": "failed", "reason": str(e)} for m in self.models.names]
-        except Exception as e:  # noqa: BLE001 - a bug must not drop the recording: it is reported failed
-            reason = f"{item.get('shard')}: internal error: {type(e).__name__}: {e}"
-            rows = [{**base, "model": m, "status": "failed", "reason": reason} for m in self.models.names]
-        rows = [{**dict.fromkeys(PREDICTION_SCHEMA.names), **r} for r in rows]  # failed rows: nulls
-        with atomic_file(f"{self.parts}/{item['index']:08d}.parquet", self.out_fs) as f:
+            rows = self._predict(recordings)
+        except Exception as e:  # noqa: BLE001 - a bug must not drop recordings: they are reported failed
+            reason = f"internal error: {type(e).__name__}: {e}"
+            rows = [self._failed(r.item, f"{r.uri}: {reason}") for r in recordings]
+        rows = [{**dict.fromkeys(PREDICTION_SCHEMA.names), **r} for rs in rows for r in rs]  # failed: nulls
+        with atomic_file(f"{self.parts}/{bucket['index']:08d}.parquet", self.out_fs) as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA), f)
-        status = rows[0]["status"]
-        print(f"  {item['dataset']}/{item['recording_id']}: {status}"
-              + (f" ({rows[0]['reason']})" if status == "failed" else "")
-              + f" in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        seconds = time.perf_counter() - started
+        for r in rows[::len(self.models.names)]:
+            print(f"  {r['dataset']}/{r['recording_id']}: {r['status']}"
+                  + (f" ({r['reason']})" if r["status"] == "failed" else "")
+                  + f" (bucket of {len(recordings)}, {seconds:.1f} s)", file=sys.stderr)
         # what the driver needs for metrics: everything but the waveforms
         return {"rows": [{k: v for k, v in r.items() if k not in ("bvp_pred", "bvp_true", "windows")} for r in rows]}
 
-    def _predict(self, item: dict) -> list[dict]:
-        uri = f"{self.in_root.rstrip('/')}/{item['shard']}"
-        predictors = self.models.predictors()
-        found, truth, n_expected = [], [], 0
-        for seg in read_segments(uri, self.in_fs, columns=None):
-            if seg.start_frame != n_expected:
-                raise EvaluationFailed(f"{uri}: segment {seg.segment_index} starts at frame {seg.start_frame}, "
-                                       f"expected {n_expected}")
-            n_expected += seg.n_frames
-            for p in predictors.values():
-                p.push(seg.frames, seg.face_found)
-            found.append(np.asarray(seg.face_found, bool))
-            truth.append(None if seg.bvp is None else np.asarray(seg.bvp, np.float64))
-        if not found:
-            raise EvaluationFailed(f"{uri}: the shard holds no segments")
-        face = np.concatenate(found)
-        if any(t is None for t in truth):
-            raise EvaluationFailed(f"{uri}: no ground-truth BVP: a layout without truth cannot be scored")
-        bvp_true = np.concatenate(truth)
-        usable = face & np.isfinite(bvp_true)
-        if usable.sum() < 2 * FPS:
-            raise EvaluationFailed(f"{uri}: only {usable.sum() / FPS:.1f} s with a face and ground truth")
+    def _failed(self, item: dict, reason: str) -> list[dict]:
+        return [{**_base(item), "model": m, "status": "failed", "reason": reason} for m in self.models.names]
+
+    def _predict(self, recordings: list[_Recording]) -> list[list[dict]]:
+        predictors = self.models.feed([r.crops() for r in recordings])
+        for r in recordings:
+            r.check()
+        keep = [r.error is None for r in recordings]
+        bvps = {name: p.finish(keep) for name, p in predictors.items()}
+        return [self._score(r, {name: b[k] for name, b in bvps.items()}) if keep[k] else self._failed(r.item, r.error)
+                for k, r in enumerate(recordings)]
+
+    def _score(self, r: _Recording, bvps: dict[str, np.ndarray]) -> list[dict]:
+        usable, bvp_true = r.usable, r.bvp_true
         hr_true, _ = signal.heart_rate(bvp_true[usable], FPS)
-        base = {k: item[k] for k in ("recording_id", "subject_id", "dataset", "metadata_json")}
         rows = []
-        for name, p in predictors.items():
-            bvp = p.finish()
+        for name, bvp in bvps.items():
             hr, sqi = signal.heart_rate(bvp[usable], FPS)
-            rows.append({**base, "model": name, "status": "ok", "reason": None, "n_frames": len(face),
-                         "face_fraction": float(face.mean()), "hr_pred": hr, "hr_true": hr_true, "sqi": sqi,
+            rows.append({**_base(r.item), "model": name, "status": "ok", "reason": None, "n_frames": len(r.face),
+                         "face_fraction": float(r.face.mean()), "hr_pred": hr, "hr_true": hr_true, "sqi": sqi,
                          "snr_db": signal.snr_db(bvp[usable], FPS, hr_true),
                          "windows": self._windows(bvp[usable], bvp_true[usable]),
                          "bvp_pred": bvp.astype(np.float32), "bvp_true": bvp_true.astype(np.float32)})
@@ -145,17 +187,36 @@ class EvaluateStep:
         return out
 
 
+def _base(item: dict) -> dict:
+    return {k: item[k] for k in ("recording_id", "subject_id", "dataset", "metadata_json")}
+
+
 # ---- the driver -------------------------------------------------------------------------------------
 
 def work_items(manifest: list[dict]) -> list[dict]:
-    """One item per manifest row, longest first (so similar lengths meet in the same worker batches);
-    rows that failed in preprocessing come along with their reason and land in the outputs as failed."""
+    """One item per manifest row, longest first; rows that failed in preprocessing come along with their
+    reason and land in the outputs as failed."""
     items = [{"recording_id": r["recording_id"], "subject_id": r["subject_id"], "dataset": r["dataset"],
               "metadata_json": r["metadata_json"], "shard": r["shard"], "n_frames": r["n_frames"] or 0,
               "reason": None if r["status"] == "ok" else f"preprocessing failed: {r['reason']}"}
              for r in manifest]
     items.sort(key=lambda i: (-i["n_frames"], i["dataset"], i["recording_id"]))
-    return [{**item, "index": k} for k, item in enumerate(items)]
+    return items
+
+
+def buckets(items: list[dict], size: int, min_fill: float = BUCKET_MIN_FILL) -> list[dict]:
+    """Items (longest first) into buckets of up to `size` recordings run in lockstep; a bucket only takes
+    recordings at least `min_fill` of its longest's length, so padding wastes little of a device call.
+    Recordings without frames (failed in preprocessing) share buckets of their own."""
+    out, current = [], []
+    for item in items:
+        if current and (len(current) == size or item["n_frames"] < min_fill * current[0]["n_frames"]):
+            out.append(current)
+            current = []
+        current.append(item)
+    if current:
+        out.append(current)
+    return [{"index": k, "recordings": b} for k, b in enumerate(out)]
 
 
 def default_group_keys(rows: list[dict], most: int = 12) -> list[str]:
@@ -168,7 +229,7 @@ def default_group_keys(rows: list[dict], most: int = 12) -> list[str]:
 
 
 def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_by=None, n_boot: int = 1000,
-                 seed: int = 0, log=print) -> dict:
+                 seed: int = 0, recordings_per_call: int = RECORDINGS_PER_CALL, log=print) -> dict:
     """The whole job; returns {'predictions': rows without waveforms, 'metrics': metric rows}."""
     from pipelines.report import format_cohort_table, format_subject_table, write_report
     from transforms.metrics import metrics_table
@@ -180,7 +241,9 @@ def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_b
     if not manifest:
         raise SystemExit(f"pulsepipe evaluate: error: {input_uri}: no manifest.parquet; run `pulsepipe preprocess` first")
     items = work_items(manifest)
-    log(f"{len(items)} recordings from {input_uri}, models {', '.join(models)}, on {opts.engine}")
+    work = buckets(items, recordings_per_call)
+    log(f"{len(items)} recordings from {input_uri} in {len(work)} buckets of up to {recordings_per_call}, "
+        f"models {', '.join(models)}, on {opts.engine}")
     out_fs.makedirs(out_root, exist_ok=True)
     parts_name = f".prediction-parts-{uuid.uuid4().hex}"  # workers write here; merged below
     parts = f"{out_root.rstrip('/')}/{parts_name}"
@@ -188,8 +251,8 @@ def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_b
     step_kwargs = {"input_uri": input_uri, "parts_uri": f"{output_uri.rstrip('/')}/{parts_name}",
                    "models": list(models), "windows": list(windows)}
     try:
-        # a model step: Beam's RunInference / Ray's map_batches, recordings of similar length per call
-        results = run_step(EvaluateStep, step_kwargs, items, opts, output_uri, model_batch=RECORDINGS_PER_CALL)
+        # a model step (Beam's RunInference, Ray's map_batches on an actor pool), one bucket per call
+        results = run_step(EvaluateStep, step_kwargs, work, opts, output_uri, model_batch=1)
         _merge_parts(out_fs, parts, f"{out_root}/predictions.parquet")
     finally:
         out_fs.rm(parts, recursive=True)
@@ -240,5 +303,6 @@ def _worst_waveforms(fs, root: str, ok: list[dict]) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     run_evaluate(args.input, args.output, tuple(args.models or DEFAULT_MODELS), args.windows, engine_options(args),
-                 group_by=args.group_by, n_boot=args.bootstrap, seed=args.seed)
+                 group_by=args.group_by, n_boot=args.bootstrap, seed=args.seed,
+                 recordings_per_call=args.recordings_per_call)
     return 0

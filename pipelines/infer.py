@@ -67,14 +67,17 @@ def infer_models(
 
     models: model names (ME-rPPG with the rlap weights), or a ModelSet loaded once for many videos.
     """
-    predictors = (models if isinstance(models, ModelSet) else ModelSet(models)).predictors()
+    models = models if isinstance(models, ModelSet) else ModelSet(models)
     times, found = [], []
-    for block in iter_face_crops(path, detect_every=detect_every, image_fps=image_fps,
-                                 detector=detector, progress=progress):
-        for predictor in predictors.values():
-            predictor.push(block.crops, block.face_found)
-        times.append(block.timestamps)
-        found.append(block.face_found)
+
+    def crops():
+        for block in iter_face_crops(path, detect_every=detect_every, image_fps=image_fps,
+                                     detector=detector, progress=progress):
+            times.append(block.timestamps)
+            found.append(block.face_found)
+            yield block.crops, block.face_found
+
+    predictors = models.feed([crops()])
     t = np.concatenate(times) if times else np.zeros(0)
     face_found = np.concatenate(found) if found else np.zeros(0, bool)
     duration = len(t) / FPS
@@ -87,7 +90,7 @@ def infer_models(
                          f"at least {MIN_SECONDS:.0f} s are needed")
     results = {}
     for name, predictor in predictors.items():
-        bvp = predictor.finish()
+        (bvp,) = predictor.finish()
         hr, sqi = signal.heart_rate(bvp[face_found], FPS)
         results[name] = InferResult(path, name, hr, sqi, t, bvp, float(face_found.mean()))
     return results

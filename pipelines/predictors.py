@@ -1,22 +1,67 @@
-"""Streaming BVP predictors over 30 fps face crops: ME-rPPG (chunk, flow) and the GREEN/CHROM/POS baselines.
+"""BVP predictors over 30 fps face crops: ME-rPPG (chunk, flow) and the GREEN/CHROM/POS baselines.
 
-Every predictor takes crops block by block (`push`) and returns the whole recording's BVP at `finish`, so
-a video of any length passes in memory bounded by one chunk of crops plus one float per frame. Frames
+Every predictor serves a batch of B recordings in lockstep: `lockstep` cuts the B crop streams into
+aligned blocks of `BLOCK` frames, each predictor takes one block of all B per `push` (one device call for
+the ME-rPPG modes) and returns each recording's whole BVP at `finish`. A recording of any length passes
+in memory bounded by two blocks of crops plus one float per frame; B = 1 is a single video. Frames
 without a face enter the model as zeros (as in the published implementation) and their BVP is zeroed.
 """
 from __future__ import annotations
+
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from transforms.baselines import BASELINES, rgb_means
 
 FPS = 30.0
+BLOCK = 160  # frames per push: one ME-rPPG chunk, so chunk mode compiles one shape whatever the lengths
 ME_NAMES = ("me-chunk", "me-flow")
 MODEL_NAMES = ME_NAMES + tuple(BASELINES)
 
 
+def lockstep(streams: list[Iterable[tuple[np.ndarray, np.ndarray]]], size: int = BLOCK
+             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Cut B streams of (crops (n, 36, 36, 3) uint8, face_found (n,) bool) blocks into aligned blocks.
+
+    Yields (crops (B, size, 36, 36, 3), face_found (B, size), n_valid (B,)) until every stream has ended:
+    the first n_valid[k] frames of row k are stream k's next frames. A stream's last partial block is
+    padded by repeating its last frame and flag (as the published `process_video` pads its last chunk),
+    an ended stream by blank frames without a face; padding never reaches a recording's output.
+    """
+    iters = [iter(s) for s in streams]
+    pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in iters]
+    counts = [0] * len(iters)
+    live = [True] * len(iters)
+    shape = None
+    while True:
+        for k, it in enumerate(iters):
+            while live[k] and counts[k] < size:
+                block = next(it, None)
+                if block is None:
+                    live[k] = False
+                elif len(block[0]):
+                    pending[k].append((np.asarray(block[0], np.uint8), np.asarray(block[1], bool)))
+                    counts[k] += len(block[0])
+                    shape = block[0].shape[1:]
+        if not any(counts):
+            return
+        crops = np.zeros((len(iters), size, *shape), np.uint8)
+        found = np.zeros((len(iters), size), bool)
+        n_valid = np.minimum(counts, size)
+        for k, n in enumerate(n_valid):
+            if not n:
+                continue
+            c, f = np.concatenate([b[0] for b in pending[k]]), np.concatenate([b[1] for b in pending[k]])
+            crops[k, :n], found[k, :n] = c[:n], f[:n]
+            crops[k, n:], found[k, n:] = c[n - 1], f[n - 1]
+            pending[k] = [(c[n:], f[n:])] if len(c) > n else []
+            counts[k] -= n
+        yield crops, found, n_valid
+
+
 class ModelSet:
-    """Models loaded once for a whole run; `predictors()` gives fresh per-recording state.
+    """Models loaded once for a whole run; `predictors(batch)` gives fresh state for B recordings.
 
     names: model names, ME-rPPG ones optionally with their weights as `me-chunk:pure` (rlap, pure or a
     path; default `weights`). Each distinct set of ME weights is read once, however many modes use it.
@@ -42,97 +87,103 @@ class ModelSet:
                              "(ME-rPPG as me-chunk:WEIGHTS with rlap, pure or a path)")
         return kind, (w or weights) if kind in ME_NAMES else None
 
-    def predictors(self) -> dict:
-        """{name: predictor} with fresh state, for one recording."""
-        return {name: self._make(*self._specs[name]) for name in self.names}
+    def predictors(self, batch: int = 1) -> dict:
+        """{name: predictor} with fresh state, for `batch` recordings run in lockstep."""
+        return {name: self._make(*self._specs[name], batch) for name in self.names}
 
-    def _make(self, kind: str, weights: str | None):
+    def feed(self, streams: list[Iterable[tuple[np.ndarray, np.ndarray]]]) -> dict:
+        """Every model over B crop streams in lockstep; returns {name: predictor}, ready for `finish`."""
+        predictors = self.predictors(len(streams))
+        for crops, found, n_valid in lockstep(streams):
+            for p in predictors.values():
+                p.push(crops, found, n_valid)
+        return predictors
+
+    def _make(self, kind: str, weights: str | None, batch: int):
         if kind == "me-chunk":
-            return MEChunkPredictor(self._me[weights])
+            return MEChunkPredictor(self._me[weights], batch)
         if kind == "me-flow":
-            return MEFlowPredictor(self._me[weights])
-        return BaselinePredictor(kind)
+            return MEFlowPredictor(self._me[weights], batch)
+        return BaselinePredictor(kind, batch)
 
 
-class MEChunkPredictor:
-    """ME-rPPG chunk mode: 160-frame chunks through the jitted network, state carried between them."""
+class _Blocks:
+    """What every predictor keeps per block (face flags, real-frame counts) to cut each stream out, and
+    `finish`, which gives each stream's output (None for streams not kept: too short, failed, ...)."""
 
-    def __init__(self, me):
-        import model
-
-        self._apply = model.apply_chunk
-        self._me = me
-        self._chunk = me.cfg.chunk
-        self._state = me.initial_state
-        self._pending: list[np.ndarray] = []
-        self._pending_found: list[np.ndarray] = []
-        self._out: list[tuple] = []  # (BVP on the device, face_found) per chunk
-
-    def push(self, crops: np.ndarray, face_found: np.ndarray) -> None:
-        self._pending.append(np.where(face_found[:, None, None, None], crops, 0).astype(np.uint8))
-        self._pending_found.append(face_found)
-        n = sum(len(p) for p in self._pending)
-        if n >= self._chunk:
-            frames, found = np.concatenate(self._pending), np.concatenate(self._pending_found)
-            full = n - n % self._chunk
-            self._run(frames[:full], found[:full])
-            self._pending, self._pending_found = [frames[full:]], [found[full:]]
-
-    def _run(self, frames: np.ndarray, found: np.ndarray) -> None:
-        # one chunk per call keeps a single compiled shape whatever the video length; the result stays
-        # on the device until finish(), so JAX's async dispatch overlaps the model with decoding
-        for s in range(0, len(frames), self._chunk):
-            bvp, self._state = self._apply(self._me.params, frames[s : s + self._chunk], self._state)
-            self._out.append((bvp, found[s : s + self._chunk]))
-
-    def finish(self) -> np.ndarray:
-        frames = np.concatenate(self._pending) if self._pending else np.zeros((0, 36, 36, 3), np.uint8)
-        n = len(frames)
-        if n:
-            # Pad the tail to a whole chunk by repeating its last frame, exactly as apply_chunk pads a
-            # partial chunk itself, so the tail reuses the one compiled shape instead of compiling anew.
-            padded = np.concatenate([frames, np.repeat(frames[-1:], self._chunk - n, axis=0)])
-            bvp, _ = self._apply(self._me.params, padded, self._state)
-            self._out.append((bvp[:n], np.concatenate(self._pending_found)))
-        self._pending, self._pending_found = [], []
-        return np.concatenate([np.asarray(b, np.float64) * f for b, f in self._out]) if self._out else np.zeros(0)
-
-
-class MEFlowPredictor:
-    """ME-rPPG flow mode: one frame per call, constant state, as a real-time client would run it."""
-
-    def __init__(self, me):
-        import model
-
-        self._step = model.flow_step
-        self._me = me
-        self._state = me.initial_state
-        self._out: list = []  # BVP per frame, left on the device until finish() (no sync per frame)
+    def __init__(self, batch: int):
+        self.batch = batch
         self._found: list[np.ndarray] = []
+        self._valid: list[np.ndarray] = []
+        self._out: list = []  # the model's per-block (B, size, ...) output, on the device until finish()
 
-    def push(self, crops: np.ndarray, face_found: np.ndarray) -> None:
-        for crop, found in zip(crops, face_found):
-            bvp, self._state = self._step(self._me.params, crop if found else np.zeros_like(crop), self._state, 1.0 / FPS)
-            self._out.append(bvp)
-        self._found.append(face_found)
+    def _keep(self, found: np.ndarray, n_valid: np.ndarray) -> None:
+        if found.shape[0] != self.batch:
+            raise ValueError(f"block is for {found.shape[0]} recordings, the predictor for {self.batch}")
+        self._found.append(found)
+        self._valid.append(n_valid)
 
-    def finish(self) -> np.ndarray:
-        if not self._out:
-            return np.zeros(0)
-        return np.asarray([np.asarray(b).reshape(-1)[0] for b in self._out], np.float64) * np.concatenate(self._found)
+    def finish(self, keep=None) -> list[np.ndarray | None]:
+        host = [np.asarray(b) for b in self._out]  # one transfer per block, then views
+        return [self._output(self._stream(host, k), self._stream(self._found, k)) if keep is None or keep[k] else None
+                for k in range(self.batch)]
+
+    def _stream(self, blocks: list[np.ndarray], k: int) -> np.ndarray:
+        """Stream k's real frames of per-block (B, size, ...) arrays, concatenated."""
+        return np.concatenate([b[k, :v[k]] for b, v in zip(blocks, self._valid)]) if blocks else np.zeros(0)
+
+    def _output(self, out: np.ndarray, found: np.ndarray) -> np.ndarray:
+        return out.astype(np.float64) * found  # BVP of no-face frames is zeroed
 
 
-class BaselinePredictor:
+class MEChunkPredictor(_Blocks):
+    """ME-rPPG chunk mode: each block is one 160-frame chunk of every stream, state carried between them."""
+
+    def __init__(self, me, batch: int = 1):
+        import model
+
+        if me.cfg.chunk != BLOCK:
+            raise ValueError(f"chunk mode needs blocks of one chunk ({me.cfg.chunk} frames), got {BLOCK}")
+        super().__init__(batch)
+        self._apply, self._me = model.apply_chunk, me
+        self._state = me.init_state(batch)
+
+    def push(self, crops: np.ndarray, found: np.ndarray, n_valid: np.ndarray) -> None:
+        self._keep(found, n_valid)
+        # JAX's async dispatch returns at once, so the model overlaps with reading the next block
+        bvp, self._state = self._apply(self._me.params, np.where(found[..., None, None, None], crops, 0), self._state)
+        self._out.append(bvp)
+
+
+class MEFlowPredictor(_Blocks):
+    """ME-rPPG flow mode: frame by frame with the recursive state, as a real-time client runs it (one
+    device call per block through `flow_frames`, which scans `flow_step` over the frames)."""
+
+    def __init__(self, me, batch: int = 1):
+        import model
+
+        super().__init__(batch)
+        self._run, self._me = model.flow_frames, me
+        self._state = me.init_state(batch)
+
+    def push(self, crops: np.ndarray, found: np.ndarray, n_valid: np.ndarray) -> None:
+        self._keep(found, n_valid)
+        frames = np.where(found[..., None, None, None], crops, 0)
+        bvp, self._state = self._run(self._me.params, frames, self._state, 1.0 / FPS)
+        self._out.append(bvp)
+
+
+class BaselinePredictor(_Blocks):
     """GREEN, CHROM or POS on the spatial mean colour of each face crop."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, batch: int = 1):
+        super().__init__(batch)
         self._method = BASELINES[name]
-        self._means: list[np.ndarray] = []
 
-    def push(self, crops: np.ndarray, face_found: np.ndarray) -> None:
-        self._means.append(rgb_means(crops, face_found))
+    def push(self, crops: np.ndarray, found: np.ndarray, n_valid: np.ndarray) -> None:
+        self._keep(found, n_valid)
+        b, size = found.shape
+        self._out.append(rgb_means(crops.reshape(b * size, *crops.shape[2:]), found.reshape(-1)).reshape(b, size, 3))
 
-    def finish(self) -> np.ndarray:
-        if not self._means:
-            return np.zeros(0)
-        return self._method(np.concatenate(self._means), FPS)
+    def _output(self, means: np.ndarray, found: np.ndarray) -> np.ndarray:
+        return self._method(means, FPS)

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +24,8 @@ from pipelines.engines import add_engine_arguments, engine_options, run_step
 from transforms.datasets import LAYOUTS, Recording, TruthError, adapter
 from transforms.face import FaceDetector
 from transforms.face_crops import FPS, face_crops
-from transforms.manifest import (by_recording, config_hash, fingerprint, read_manifest, remove_stale_shards,
-                                 source_stats, up_to_date, write_manifest)
+from transforms.manifest import (by_recording, config_hash, fill_row, fingerprint, read_manifest,
+                                 remove_stale_shards, source_stats, up_to_date, write_manifest)
 from transforms.resample import resample_signal
 from transforms.shards import SegmentBuilder, ShardWriter
 from transforms.video import VideoError
@@ -81,23 +80,16 @@ class PreprocessStep:
 
     def __call__(self, item: dict) -> dict:
         rec = Recording(**{**item["recording"], "files": tuple(item["recording"]["files"])})
-        started = time.perf_counter()
         row = {"recording_id": rec.recording_id, "subject_id": rec.subject_id, "dataset": rec.dataset,
                "source_uri": rec.video, "fingerprint": item["fingerprint"], "config_hash": item["config_hash"],
                "metadata_json": json.dumps(rec.metadata, sort_keys=True)}
-        try:
+
+        def work() -> dict:
             if rec.problem:
                 raise RecordingFailed(rec.problem)
-            row.update(self._process(rec, item))
-            row.update(status="ok", reason=None)
-        except (RecordingFailed, VideoError, TruthError) as e:
-            row.update(status="failed", reason=str(e))
-        except Exception as e:  # noqa: BLE001 - a bug must not drop the recording: it becomes a dead letter
-            row.update(status="failed", reason=f"{rec.video}: internal error: {type(e).__name__}: {e}")
-        row["elapsed_s"] = round(time.perf_counter() - started, 3)
-        print(f"  {rec.dataset}/{rec.recording_id}: {row['status']}"
-              + (f" ({row['reason']})" if row["reason"] else f", {row['n_frames']} frames") , file=sys.stderr)
-        return row
+            return self._process(rec, item)
+
+        return fill_row(row, work, (RecordingFailed, VideoError, TruthError), rec.video)
 
     def _process(self, rec: Recording, item: dict) -> dict:
         truth = self.adapter.read_truth(rec, self.in_fs)

@@ -1,16 +1,14 @@
 """`pulsepipe evaluate`: the same metrics from Beam and Ray, failures kept with reasons, accurate on synthetic data."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.engines import EngineOptions
-from pipelines.evaluate import run_evaluate, work_items
+from pipelines.evaluate import buckets, run_evaluate, work_items
 from pipelines.preprocess import load_config, run_preprocess
 from transforms import synth
 
@@ -78,4 +76,47 @@ def test_recordings_that_failed_preprocessing_come_along_failed():
     items = {i["recording_id"]: i for i in work_items(manifest)}
     assert items["a"]["reason"] is None
     assert items["b"]["reason"] == "preprocessing failed: b.mp4: no face found"
-    assert sorted(i["index"] for i in items.values()) == [0, 1]
+    assert [i["recording_id"] for i in work_items(manifest)] == ["a", "b"]  # longest first
+
+
+def test_buckets_hold_recordings_of_similar_length_and_every_recording_once():
+    items = [{"recording_id": str(n), "n_frames": n} for n in (1000, 990, 900, 800, 700, 300, 290, 0, 0)]
+    got = buckets(items, size=3, min_fill=0.75)
+    assert [[i["n_frames"] for i in b["recordings"]] for b in got] == [
+        [1000, 990, 900], [800, 700], [300, 290], [0, 0]]
+    assert [b["index"] for b in got] == [0, 1, 2, 3]
+    assert [i for b in buckets(items, size=1) for i in b["recordings"]] == items
+
+
+def _has_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: the request would be met")
+def test_gpus_asked_for_and_absent_is_one_clear_line(shards, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "--input", str(shards), "--output",
+                           str(tmp_path), "--model", "pos", "--gpus-per-worker", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "GPU" in done.stderr and "--gpus-per-worker" in done.stderr, done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["ray", "beam"])
+def test_on_a_gpu_the_metrics_match_the_cpu_run(tmp_path, shards, beam_eval, engine):
+    # run with `pytest -m gpu` on a machine with JAX's CUDA plugin (pip install -e '.[gpu]')
+    assert _has_gpu()
+    cpu = {(r["recording_id"], r["model"]): r for r in beam_eval[1]["predictions"]}
+    gpu = run_evaluate(str(shards), str(tmp_path), MODELS, [6.0],
+                       EngineOptions(engine, workers=1, num_gpus=1), n_boot=200, recordings_per_call=8,
+                       log=lambda *_: None)
+    for r in gpu["predictions"]:
+        c = cpu[(r["recording_id"], r["model"])]
+        assert r["status"] == c["status"]
+        if r["status"] == "ok":
+            assert abs(r["hr_pred"] - c["hr_pred"]) < 0.5, (r, c)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,21 +117,6 @@ def test_unknown_weights_and_models_are_clear_errors():
         ModelSet(["me-chunk"], weights="nope")
     with pytest.raises(ValueError, match="unknown model"):
         ModelSet(["me-turbo"])
-
-
-def test_chunk_predictor_equals_one_apply_chunk_over_the_whole_video():
-    import model
-
-    me = model.load()
-    frames = np.random.default_rng(5).integers(0, 256, (2 * 160 + 37, 36, 36, 3), dtype=np.uint8)
-    found = np.ones(len(frames), bool)
-    found[100:110] = False  # no-face frames enter as zeros and come out as zeros
-    predictor = ModelSet(["me-chunk"]).predictors()["me-chunk"]
-    for start in range(0, len(frames), 50):  # blocks that straddle chunk boundaries
-        predictor.push(frames[start:start + 50], found[start:start + 50])
-    ours = predictor.finish()
-    expected, _ = model.apply_chunk(me.params, np.where(found[:, None, None, None], frames, 0), me.initial_state)
-    np.testing.assert_allclose(ours, np.asarray(expected) * found, rtol=1e-5, atol=1e-6)
 
 
 def test_no_face_raises_infer_error(tmp_path):

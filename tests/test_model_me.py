@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model.config import ME, MEConfig
-from model.me_rppg import MEState, apply_chunk, flow_step, init_state, param_count, state_bytes
+from model.me_rppg import MEState, apply_chunk, flow_frames, flow_step, init_state, param_count, state_bytes
 
 SMALL = MEConfig(chunk=16, image=12, n_blocks=1, layers_per_block=1, head_layers=1)
 # XLA's CPU backend spends most of these tests compiling; its cheaper optimisation level halves that.
@@ -79,6 +79,19 @@ def test_flow_streams_in_a_batch_are_independent(params):
     y_slow, _ = _run(flow_step, params, frames[:, 0], init_state(2, SMALL), 1 / 15)
     y_std, _ = _run(flow_step, params, frames[:, 0], init_state(2, SMALL), 1 / 30)
     assert not np.allclose(y_slow, y_std)  # dt is honoured (and traced: no recompile)
+
+
+def test_flow_frames_equals_flow_step_frame_by_frame(params):
+    frames = _frames(3, batch=2, seed=1)
+    s = s0 = init_state(2, SMALL)
+    ys = []
+    for i in range(3):
+        y, s = _run(flow_step, params, frames[:, i], s, 1 / 30)
+        ys.append(y)
+    y_run, s_run = _run(flow_frames, params, frames, s0, 1 / 30)
+    assert y_run.shape == (2, 3)
+    _close(y_run, jnp.stack(ys, axis=1))
+    jax.tree.map(_close, s_run, s)
 
 
 def test_nested_in_a_callers_jit_equals_top_level(params):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import sys
+import time
 
 import fsspec
 import pyarrow as pa
@@ -95,6 +97,26 @@ def _size_version(info: dict) -> tuple[int, str | None]:
 def up_to_date(previous: dict | None, fingerprint: str) -> bool:
     """Whether a recording's previous manifest row can be kept: it succeeded with the same fingerprint."""
     return previous is not None and previous["status"] == "ok" and previous["fingerprint"] == fingerprint
+
+
+def fill_row(row: dict, work, expected: tuple[type[Exception], ...], where: str) -> dict:
+    """A manifest row filled by `work() -> fields`: `ok`, or `failed` with the reason, never dropped.
+
+    expected: errors whose message already names the file and the reason; any other exception is a bug and
+    is reported as `where: internal error: ...`. Adds `elapsed_s` and prints one progress line to stderr.
+    """
+    started = time.perf_counter()
+    try:
+        row.update(work())
+        row.update(status="ok", reason=None)
+    except expected as e:
+        row.update(status="failed", reason=str(e))
+    except Exception as e:  # noqa: BLE001 - a bug must not drop the recording: it becomes a dead letter
+        row.update(status="failed", reason=f"{where}: internal error: {type(e).__name__}: {e}")
+    row["elapsed_s"] = round(time.perf_counter() - started, 3)
+    print(f"  {row['dataset']}/{row['recording_id']}: {row['status']}"
+          + (f" ({row['reason']})" if row["reason"] else f", {row['n_frames']} frames"), file=sys.stderr)
+    return row
 
 
 def write_manifest(rows: list[dict], uri: str, fs: fsspec.AbstractFileSystem) -> None:

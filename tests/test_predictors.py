@@ -1,0 +1,88 @@
+"""Predictors over B recordings in lockstep: each recording's BVP is what it gets alone, block by block."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.predictors import FPS, ModelSet, lockstep
+from transforms.baselines import pos, rgb_means
+
+LENGTHS = (2 * 160 + 37, 170, 60)  # a long one, one just past a chunk, one shorter than a chunk
+
+
+def _streams(seed=5):
+    """Crops and face flags per recording, some frames without a face."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in LENGTHS:
+        frames = rng.integers(40, 220, (n, 36, 36, 3), dtype=np.uint8)
+        found = np.ones(n, bool)
+        found[n // 3:n // 3 + 10] = False  # no-face frames enter as zeros and come out as zeros
+        out.append((frames, found))
+    return out
+
+
+def _blocks(frames, found, size):
+    """A recording as the decoder hands it over: blocks of `size` frames that straddle chunk boundaries."""
+    return [(frames[s:s + size], found[s:s + size]) for s in range(0, len(frames), size)]
+
+
+def test_lockstep_hands_each_stream_its_frames_in_order_then_padding():
+    streams = _streams()
+    got = [([], []) for _ in streams]
+    for crops, found, n_valid in lockstep([_blocks(f, m, size) for (f, m), size in zip(streams, (50, 7, 160))]):
+        assert crops.shape == (3, 160, 36, 36, 3) and found.shape == (3, 160)
+        for k, n in enumerate(n_valid):
+            got[k][0].append(crops[k, :n])
+            got[k][1].append(found[k, :n])
+            if 0 < n < 160:  # the last partial block repeats the last frame, as the reference pads
+                assert (crops[k, n:] == crops[k, n - 1]).all() and (found[k, n:] == found[k, n - 1]).all()
+            if n == 0:  # an ended stream: blank frames without a face
+                assert not crops[k].any() and not found[k].any()
+    for (frames, mask), (c, f) in zip(streams, got):
+        np.testing.assert_array_equal(np.concatenate(c), frames)
+        np.testing.assert_array_equal(np.concatenate(f), mask)
+
+
+def test_lockstep_of_nothing_yields_nothing():
+    assert list(lockstep([[], iter(())])) == []
+
+
+@pytest.fixture(scope="module")
+def me():
+    import model
+
+    return model.load()
+
+
+def test_chunk_mode_in_a_batch_equals_each_recording_alone(me):
+    import model
+
+    streams = _streams()
+    bvps = ModelSet(["me-chunk"]).feed([_blocks(f, m, 50) for f, m in streams])["me-chunk"].finish()
+    for (frames, found), bvp in zip(streams, bvps):
+        expected, _ = model.apply_chunk(me.params, np.where(found[:, None, None, None], frames, 0), me.initial_state)
+        assert bvp.shape == (len(frames),)
+        np.testing.assert_allclose(bvp, np.asarray(expected) * found, rtol=1e-4, atol=1e-5)
+
+
+def test_flow_mode_in_a_batch_equals_flow_step_frame_by_frame(me):
+    import model
+
+    streams = _streams()[1:]  # 170 and 60 frames: two blocks
+    bvps = ModelSet(["me-flow"]).feed([_blocks(f, m, 64) for f, m in streams])["me-flow"].finish()
+    for (frames, found), bvp in zip(streams, bvps):
+        state, expected = me.initial_state, []
+        for frame, face in zip(frames, found):
+            y, state = model.flow_step(me.params, frame if face else np.zeros_like(frame), state, 1 / FPS)
+            expected.append(float(y) if face else 0.0)
+        np.testing.assert_allclose(bvp, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_baselines_in_a_batch_equal_each_recording_alone_and_unkept_streams_give_none():
+    streams = _streams()
+    bvps = ModelSet(["pos"]).feed([_blocks(f, m, 33) for f, m in streams])["pos"].finish(keep=[True, False, True])
+    assert bvps[1] is None
+    for k in (0, 2):
+        frames, found = streams[k]
+        np.testing.assert_allclose(bvps[k], pos(rgb_means(frames, found), FPS), rtol=1e-12)
