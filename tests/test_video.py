@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from transforms.resample import Resampler
-from transforms.video import VideoError, iter_blocks, iter_frames, probe
+from transforms.video import VideoError, YUVFrame, iter_blocks, iter_frames, probe
 
 H, W = 48, 64
 
@@ -112,6 +112,33 @@ def test_rotation_in_mp4(tmp_path):
     path = write_video(tmp_path / "rot.mp4", np.rot90(upright, -1, axes=(1, 2)), rotation=90)
     _, frames = read_all(path)
     assert frames.shape == upright.shape and np.abs(frames.astype(int) - upright).mean() < 8
+
+
+def test_lazy_frames_convert_regions_exactly_as_the_whole_and_close_to_ffmpeg(tmp_path):
+    frames = make_frames(20, h=96, w=128)
+    path = write_video(tmp_path / "h264.mp4", frames)
+    t_eager, eager = read_all(path, block=8)
+    blocks = list(iter_blocks(path, block=8, lazy=True))
+    assert [len(f) for _, f in blocks] == [8, 8, 4]
+    t_lazy = np.concatenate([t for t, _ in blocks])
+    lazy = [f for _, fs in blocks for f in fs]
+    np.testing.assert_array_equal(t_lazy, t_eager)
+    assert all(isinstance(f, YUVFrame) and f.shape == (96, 128, 3) for f in lazy)
+    for frame, ffmpeg in zip(lazy, eager):
+        whole = np.asarray(frame)
+        assert whole.dtype == np.uint8 and np.abs(whole.astype(int) - ffmpeg).mean() < 2  # BT.601 both ways
+        for y0, y1, x0, x1 in [(0, 96, 0, 128), (13, 77, 31, 100), (14, 76, 30, 101), (95, 96, 127, 128)]:
+            np.testing.assert_array_equal(frame[y0:y1, x0:x1], whole[y0:y1, x0:x1])  # odd edges included
+
+
+def test_lazy_frames_of_rotated_or_rgb_video_are_plain_arrays(tmp_path):
+    upright = make_frames(3)
+    rotated = write_video(tmp_path / "rot.mp4", np.rot90(upright, -1, axes=(1, 2)), rotation=90)
+    rgb = write_video(tmp_path / "rgb.mkv", upright, codec="ffv1", pix_fmt="bgr0")
+    for path in (rotated, rgb):
+        (_, frames), = list(iter_blocks(path, lazy=True))
+        assert all(isinstance(f, np.ndarray) for f in frames)
+        np.testing.assert_array_equal(np.stack(frames), read_all(path)[1])
 
 
 def test_blocks_are_bounded_and_start_skips(tmp_path):

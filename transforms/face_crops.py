@@ -42,7 +42,8 @@ def iter_face_crops(
     own_detector = detector is None
     detector = FaceDetector() if own_detector else detector
     try:
-        for out in face_crops(iter_blocks(path, block, **folder_times), detector, detect_every=detect_every):
+        blocks = iter_blocks(path, block, lazy=True, **folder_times)
+        for out in face_crops(blocks, detector, detect_every=detect_every):
             if bar is not None:
                 bar.update(len(out.timestamps))
             yield out
@@ -55,7 +56,8 @@ def iter_face_crops(
 
 def face_crops(blocks: Iterable[tuple[np.ndarray, np.ndarray]], detector: FaceDetector, *,
                detect_every: int = 5) -> Iterator[CropBlock]:
-    """30 fps CropBlocks from source blocks of (timestamps_s (n,), frames (n, H, W, 3) uint8 RGB)."""
+    """30 fps CropBlocks from source blocks of (timestamps_s (n,), frames (n, H, W, 3) uint8 RGB, or the
+    lazy frames of `iter_blocks(lazy=True)`)."""
     crops_rs, side_rs = Resampler(FPS, method="linear"), Resampler(FPS, method="nearest")
     for t, crops, found, boxes in track_faces(blocks, FaceTracker(detector, every=detect_every)):
         out = _resampled(crops_rs.push(t, crops), side_rs.push(t, _side(found, boxes)))

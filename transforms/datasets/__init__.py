@@ -10,7 +10,8 @@ Every adapter module (`transforms/datasets/<layout>.py`, layout name with '-' as
         Ground-truth PPG at its own rate with its own timestamps; None for layouts without truth.
         Raises TruthError (file and reason) for missing, unreadable or too short ground truth.
     frame_blocks(rec: Recording, local: dict[str, str], block: int) -> Iterator[(timestamps_s (n,), frames (n, H, W, 3) uint8 RGB)]
-        Decoded frames. `local` maps each of rec.files to a local path (the job copies remote files first).
+        Decoded frames (an array, or the list of lazily converted frames of `iter_blocks(lazy=True)`).
+        `local` maps each of rec.files to a local path (the job copies remote files first).
         Layouts of plain video files use `video_frame_blocks`; frame folders (PURE) and arrays in .mat
         files (MMPD) read their own.
 
@@ -126,4 +127,4 @@ def checked_truth(path: str, t_s, ppg, video_end_s: float | None = None) -> Trut
 
 def video_frame_blocks(rec: Recording, local: dict[str, str], block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """frame_blocks for layouts whose frames are one video file (rec.video)."""
-    return iter_blocks(local[rec.video], block)
+    return iter_blocks(local[rec.video], block, lazy=True)

@@ -87,7 +87,7 @@ def frame_blocks(rec: Recording, local: dict[str, str], block: int) -> Iterator[
         yield from iter_blocks(source, block, timestamps=times)
         return
     done = 0
-    for _, frames in iter_blocks(source, block):
+    for _, frames in iter_blocks(source, block, lazy=True):
         if done + len(frames) > times.size:
             raise VideoError(source, f"more frames than the {times.size} rows of {FRAME_TIMES}")
         yield times[done:done + len(frames)], frames
