@@ -20,7 +20,7 @@ from transforms.synth import write_cohort
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="pulsepipe-demo", help="folder for everything the demo writes (default: pulsepipe-demo)")
-    p.add_argument("--subjects", type=int, default=8, help="subjects to synthesise (default: 8)")
+    p.add_argument("--subjects", type=int, default=12, help="subjects to synthesise (default: 12)")
     p.add_argument("--recordings", type=int, default=2, help="recordings per subject (default: 2)")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds per recording (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cohort (default: 0)")

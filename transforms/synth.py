@@ -392,8 +392,10 @@ def render_frames(
         head = np.array([[s, 0, cx * (1 - s)], [0, s, cy * (1 - s)], [0, 0, 1]])  # scale about the face
         shift = np.array([[1, 0, motion.dx_px[k]], [0, 1, motion.dy_px[k]], [0, 0, 1]])
         m = (shift @ to_output @ head)[:2]
-        lit = base - np.float32(blood[k]) * pulse_map
-        frame = cv2.warpAffine(lit, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        # warping is linear: warp the photo and the pulse map apart and mix them at the (smaller) output size
+        frame, pulse = (cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+                        for img in (base, pulse_map))
+        frame -= np.float32(blood[k]) * pulse
         frame *= np.float32(1.0 + motion.light[k])
         frame += noise_rng.standard_normal(frame.shape, dtype=np.float32) * np.float32(spec.noise_sigma_dn)
         yield np.clip(np.rint(frame), 0, 255).astype(np.uint8)
