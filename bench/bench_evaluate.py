@@ -12,9 +12,10 @@ Every measurement runs in a fresh subprocess of this Python. It measures:
    call, warm-up excluded the same way: the step's own work (heart rates, windows, its part file) over bare
    inference;
 3. engines: `run_evaluate(input, output, ("me-chunk:rlap",), [10.0], EngineOptions(engine, workers=W),
-   n_boot=100)` for each engine and W; wall time and frames/s. The fixed cost is the wall time of the same
-   call on W tiny recordings (--tiny-seconds each, one per worker, so each worker starts, loads the model
-   and compiles once); it includes their few frames of inference and the driver's report for them. frames/s
+   n_boot=100, recordings_per_call=1)` for each engine and W; wall time and frames/s. The fixed cost is
+   the wall time of the same call on W tiny recordings (--tiny-seconds each, one per worker, so each worker
+   starts, loads the model and compiles once); it includes their few frames of inference and the driver's
+   report for them. frames/s
    is given including and excluding it, and overhead = 1 - engine fps / (direct fps x W) both ways. The
    full run's wall time is split with a stage clock into run_step (the engine), merging the part files,
    metrics (bootstrap), report (HTML and PNGs) and the rest (manifest read, work items);
@@ -179,8 +180,10 @@ def child_engine(spec: dict) -> dict:
         p.start()
     quiet = lambda *a, **k: None  # noqa: E731 - the driver's tables would mix with ours
     jiffies, t0 = _machine_jiffies(), time.perf_counter()
+    # one recording per call, as the direct run and the fixed-cost run (whose W tiny recordings make
+    # buckets of one) do: a bucket of 4 would compile a second shape inside the timed run
     result = evaluate.run_evaluate(spec["input"], spec["output"], MODELS, list(WINDOWS), opts,
-                                   n_boot=spec["n_boot"], log=quiet)
+                                   n_boot=spec["n_boot"], recordings_per_call=1, log=quiet)
     wall = time.perf_counter() - t0
     busy = _busy_cores(jiffies, _machine_jiffies())
     for p in patches:

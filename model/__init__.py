@@ -27,14 +27,23 @@ class MEModel:
         return init_state(batch, self.initial_state)
 
 
-def load(name: str = "me-rppg", weights: str | Path = "rlap") -> MEModel:
-    """Load a model by name with 'rlap', 'pure' or a path to a weights file."""
+def load(name: str = "me-rppg", weights: str | Path = "rlap", precision: str = "float32") -> MEModel:
+    """Load a model by name with 'rlap', 'pure' or a path to a weights file.
+
+    precision: dtype of the convolutions' products, "float32" (the published model) or "bfloat16" (for
+    GPUs); pass `cfg=m.cfg` to apply_chunk / flow_step / flow_frames.
+    """
     if name != "me-rppg":
         raise ValueError(f"unknown model {name!r}; available: 'me-rppg'")
+    import dataclasses
+
     import jax
+
+    if not jax.numpy.issubdtype(jax.numpy.dtype(precision), jax.numpy.floating):  # TypeError if not a dtype
+        raise ValueError(f"precision must be a floating dtype such as float32 or bfloat16, got {precision!r}")
 
     from model.weights import load_initial_state, load_params
 
     params = jax.tree.map(jax.numpy.asarray, load_params(weights, ME))
     state = jax.tree.map(jax.numpy.asarray, load_initial_state(ME))
-    return MEModel(ME, params, state)
+    return MEModel(dataclasses.replace(ME, compute_dtype=precision), params, state)

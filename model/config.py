@@ -22,6 +22,9 @@ class MEConfig:
     fps: float = 30.0  # frame rate the weights were trained at
     tn_eps: float = 2e-6  # TN variance floor
     norm_eps: float = 1e-5  # gated RMSNorm epsilon
+    # dtype of the convolutions' and dense1's products ("bfloat16" for GPUs; accumulation, TN, SSD and
+    # state stay float32). The published model is float32; bfloat16's parity bound is in test_model_parity.
+    compute_dtype: str = "float32"
 
     @property
     def tn_half_life(self) -> float:

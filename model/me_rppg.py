@@ -93,16 +93,18 @@ def param_count(params) -> int:
 # ---------------------------------------------------------------- layers
 
 
-def _dense(x, p):
-    return x @ p["w"] + p["b"]
+def _dense(x, p, dtype=jnp.float32):
+    """x @ w + b with the product in `dtype` (bfloat16 on request), accumulated and returned in float32."""
+    return jnp.matmul(x.astype(dtype), p["w"].astype(dtype), preferred_element_type=jnp.float32) + p["b"]
 
 
-def _conv2d(x, p, stride=1):
-    """Keras Conv3D with a (1, kh, kw) kernel, 'same' padding, on every frame. x: (b, l, H, W, C)."""
+def _conv2d(x, p, stride=1, dtype=jnp.float32):
+    """Keras Conv3D with a (1, kh, kw) kernel, 'same' padding, on every frame. x: (b, l, H, W, C).
+    Products in `dtype`, accumulated and returned in float32."""
     b, l = x.shape[:2]
     y = jax.lax.conv_general_dilated(
-        x.reshape(b * l, *x.shape[2:]), p["w"], (stride, stride), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        x.reshape(b * l, *x.shape[2:]).astype(dtype), p["w"].astype(dtype), (stride, stride), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32,
     )
     return (y + p["b"]).reshape(b, l, *y.shape[1:])  # (b, l, H', W', C')
 
@@ -192,7 +194,8 @@ def _ssconv(p, x, state: SSConvState, cfg: MEConfig, flow_dt):
     else:
         x0, tn_state = tn_step(x[:, 0], state.tn, flow_dt, cfg.tn_half_life, cfg.tn_eps)
         x0 = x0[:, None]
-    x1 = jax.nn.relu(_dense(_conv2d(x0, p["conv1"]), p["dense1"]))  # (b, l, H, W, 2K)
+    dt = cfg.compute_dtype
+    x1 = jax.nn.relu(_dense(_conv2d(x0, p["conv1"], dtype=dt), p["dense1"], dt))  # (b, l, H, W, 2K)
     x2 = jnp.mean(jnp.mean(x1, axis=2), axis=2)  # (b, l, 2K); one axis at a time: XLA CPU reduces both at once slower
     if flow_dt is None:
         x2, m_state = mamba_chunk(p["mamba"], x2, state.mamba, cfg.chunk, cfg.norm_eps)
@@ -200,7 +203,7 @@ def _ssconv(p, x, state: SSConvState, cfg: MEConfig, flow_dt):
         x2, m_state = mamba_step(p["mamba"], x2[:, 0], state.mamba, cfg.norm_eps)
         x2 = x2[:, None]
     x0 = x0 + (x2 @ p["proj"])[:, :, None, None]  # (b, l, H, W, K)
-    return jax.nn.relu(_conv2d(x0, p["conv2"])), SSConvState(tn_state, m_state)
+    return jax.nn.relu(_conv2d(x0, p["conv2"], dtype=dt)), SSConvState(tn_state, m_state)
 
 
 def _network(params, x, state: MEState, cfg: MEConfig, flow_dt=None):
@@ -213,7 +216,7 @@ def _network(params, x, state: MEState, cfg: MEConfig, flow_dt=None):
         for lp, ls in zip(bp["layers"][:cfg.layers_per_block], bs):
             x, s = _ssconv(lp, x, ls, cfg, flow_dt)
             layers.append(s)
-        x = _conv2d(x + x1, bp["ds"], stride=2)  # (b, l, ceil(H/2), ceil(W/2), K)
+        x = _conv2d(x + x1, bp["ds"], stride=2, dtype=cfg.compute_dtype)  # (b, l, ceil(H/2), ceil(W/2), K)
         blocks.append(tuple(layers))
     x = jnp.mean(x, axis=(2, 3)) @ params["out_proj"]  # (b, l, 32)
     head = []

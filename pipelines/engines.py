@@ -41,6 +41,13 @@ class EngineOptions:
     num_gpus: float = 0.0  # per worker, for steps that run a model on a GPU
 
     @property
+    def local(self) -> bool:
+        """Runs on this machine: Ray started in-process, or Beam's local runner (no --runner given)."""
+        if self.engine == "ray":
+            return not self.ray_address
+        return not any(a.startswith("--runner") for a in self.pipeline_args)
+
+    @property
     def local_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
 
@@ -78,7 +85,7 @@ def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions
     """
     if not items:
         return []
-    if opts.num_gpus and not opts.ray_address and not _beam_cluster(opts):
+    if opts.num_gpus and opts.local:
         opts = _local_gpu_workers(opts)
     if opts.engine == "beam":
         with _without_beam_harness_logs():
@@ -190,10 +197,6 @@ def _without_beam_harness_logs():
             os.close(saved)
 
 
-def _beam_cluster(opts: EngineOptions) -> bool:
-    return opts.engine == "beam" and any(a.startswith("--runner") for a in opts.pipeline_args)
-
-
 def _local_gpu_workers(opts: EngineOptions) -> EngineOptions:
     """Local workers that ask for GPUs: check this machine has them and run one worker per GPU share
     (Ray pins each actor to its GPUs; Beam's local workers cannot be pinned, so it runs one)."""
@@ -212,7 +215,7 @@ def _local_gpu_workers(opts: EngineOptions) -> EngineOptions:
 
 
 def _beam_runner(opts: EngineOptions):
-    if _beam_cluster(opts):
+    if not opts.local:
         return None, opts.pipeline_args  # a cluster runner named by the user
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.engines import add_engine_arguments, engine_options, run_step
-from pipelines.predictors import FPS, ModelSet
+from pipelines.predictors import FPS, PRECISIONS, ModelSet
 from transforms import signal
 from transforms.manifest import read_manifest
 from transforms.shards import atomic_file, read_segments
@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recordings-per-call", type=_positive_int, default=RECORDINGS_PER_CALL, metavar="B",
                    help=f"recordings of similar length run together, one device call per 160 frames of all B "
                         f"(default: {RECORDINGS_PER_CALL}; on a GPU, 32-128)")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="ME-rPPG convolutions in float32 (the published model, default) or bfloat16 (faster on "
+                        "GPUs; the parity bound is in tests/test_model_parity.py)")
     add_engine_arguments(p, gpus=True)
 
 
@@ -125,10 +128,11 @@ class EvaluateStep:
     """A bucket of recordings of similar length through every model in lockstep (one device call per
     160-frame block serves the whole bucket); writes the bucket's prediction rows as a part file."""
 
-    def __init__(self, input_uri: str, parts_uri: str, models: list[str], windows: list[float]):
+    def __init__(self, input_uri: str, parts_uri: str, models: list[str], windows: list[float],
+                 precision: str = "float32"):
         self.in_fs, self.in_root = fsspec.core.url_to_fs(input_uri)
         self.out_fs, self.parts = fsspec.core.url_to_fs(parts_uri)
-        self.models = ModelSet(models)
+        self.models = ModelSet(models, precision=precision)
         self.windows = windows
 
     def __call__(self, bucket: dict) -> dict:
@@ -229,7 +233,8 @@ def default_group_keys(rows: list[dict], most: int = 12) -> list[str]:
 
 
 def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_by=None, n_boot: int = 1000,
-                 seed: int = 0, recordings_per_call: int = RECORDINGS_PER_CALL, log=print) -> dict:
+                 seed: int = 0, recordings_per_call: int = RECORDINGS_PER_CALL, precision: str = "float32",
+                 log=print) -> dict:
     """The whole job; returns {'predictions': rows without waveforms, 'metrics': metric rows}."""
     from pipelines.report import format_cohort_table, format_subject_table, write_report
     from transforms.metrics import metrics_table
@@ -249,7 +254,7 @@ def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_b
     parts = f"{out_root.rstrip('/')}/{parts_name}"
     out_fs.makedirs(parts, exist_ok=True)
     step_kwargs = {"input_uri": input_uri, "parts_uri": f"{output_uri.rstrip('/')}/{parts_name}",
-                   "models": list(models), "windows": list(windows)}
+                   "models": list(models), "windows": list(windows), "precision": precision}
     try:
         # a model step (Beam's RunInference, Ray's map_batches on an actor pool), one bucket per call
         results = run_step(EvaluateStep, step_kwargs, work, opts, output_uri, model_batch=1)
@@ -304,5 +309,5 @@ def _worst_waveforms(fs, root: str, ok: list[dict]) -> dict:
 def main(args: argparse.Namespace) -> int:
     run_evaluate(args.input, args.output, tuple(args.models or DEFAULT_MODELS), args.windows, engine_options(args),
                  group_by=args.group_by, n_boot=args.bootstrap, seed=args.seed,
-                 recordings_per_call=args.recordings_per_call)
+                 recordings_per_call=args.recordings_per_call, precision=args.precision)
     return 0

@@ -18,6 +18,7 @@ FPS = 30.0
 BLOCK = 160  # frames per push: one ME-rPPG chunk, so chunk mode compiles one shape whatever the lengths
 ME_NAMES = ("me-chunk", "me-flow")
 MODEL_NAMES = ME_NAMES + tuple(BASELINES)
+PRECISIONS = ("float32", "bfloat16")  # of ME-rPPG's convolutions: the published model's, or for GPUs
 
 
 def lockstep(streams: list[Iterable[tuple[np.ndarray, np.ndarray]]], size: int = BLOCK
@@ -65,9 +66,10 @@ class ModelSet:
 
     names: model names, ME-rPPG ones optionally with their weights as `me-chunk:pure` (rlap, pure or a
     path; default `weights`). Each distinct set of ME weights is read once, however many modes use it.
+    precision: of ME-rPPG's convolutions, "float32" (the published model) or "bfloat16" (for GPUs).
     """
 
-    def __init__(self, names, weights: str = "rlap"):
+    def __init__(self, names, weights: str = "rlap", precision: str = "float32"):
         self.names = tuple(names)
         if not self.names:
             raise ValueError(f"no model given; choose from {', '.join(MODEL_NAMES)}")
@@ -77,7 +79,7 @@ class ModelSet:
             if kind in ME_NAMES and w not in self._me:
                 import model
 
-                self._me[w] = model.load("me-rppg", weights=w)
+                self._me[w] = model.load("me-rppg", weights=w, precision=precision)
 
     @staticmethod
     def _parse(name: str, weights: str) -> tuple[str, str | None]:
@@ -151,7 +153,8 @@ class MEChunkPredictor(_Blocks):
     def push(self, crops: np.ndarray, found: np.ndarray, n_valid: np.ndarray) -> None:
         self._keep(found, n_valid)
         # JAX's async dispatch returns at once, so the model overlaps with reading the next block
-        bvp, self._state = self._apply(self._me.params, np.where(found[..., None, None, None], crops, 0), self._state)
+        frames = np.where(found[..., None, None, None], crops, 0)
+        bvp, self._state = self._apply(self._me.params, frames, self._state, cfg=self._me.cfg)
         self._out.append(bvp)
 
 
@@ -169,7 +172,7 @@ class MEFlowPredictor(_Blocks):
     def push(self, crops: np.ndarray, found: np.ndarray, n_valid: np.ndarray) -> None:
         self._keep(found, n_valid)
         frames = np.where(found[..., None, None, None], crops, 0)
-        bvp, self._state = self._run(self._me.params, frames, self._state, 1.0 / FPS)
+        bvp, self._state = self._run(self._me.params, frames, self._state, 1.0 / FPS, cfg=self._me.cfg)
         self._out.append(bvp)
 
 

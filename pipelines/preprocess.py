@@ -28,7 +28,7 @@ from transforms.manifest import (by_recording, config_hash, fill_row, fingerprin
                                  remove_stale_shards, source_stats, up_to_date, write_manifest)
 from transforms.resample import resample_signal
 from transforms.shards import SegmentBuilder, ShardWriter
-from transforms.video import VideoError
+from transforms.video import VideoError, decode_threads
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "preprocess.yaml"
 PASSES_PIPELINE_ARGS = True  # unknown --options go to Beam (e.g. --runner=DataflowRunner --project=...)
@@ -68,8 +68,9 @@ def shard_path(rec: Recording) -> str:
 class PreprocessStep:
     """One recording in, one manifest row out; writes the recording's shard under OUT atomically."""
 
-    def __init__(self, layout: str, input_uri: str, output_uri: str, config: dict):
+    def __init__(self, layout: str, input_uri: str, output_uri: str, config: dict, decode_threads: int = 0):
         self.layout, self.config = layout, config
+        self.decode_threads = decode_threads  # 1 when workers fill the cores; 0: FFmpeg's choice
         self.adapter = adapter(layout)
         self.in_fs, _ = fsspec.core.url_to_fs(input_uri)
         self.out_fs, self.out_root = fsspec.core.url_to_fs(output_uri)
@@ -87,7 +88,8 @@ class PreprocessStep:
         def work() -> dict:
             if rec.problem:
                 raise RecordingFailed(rec.problem)
-            return self._process(rec, item)
+            with decode_threads(self.decode_threads):
+                return self._process(rec, item)
 
         return fill_row(row, work, (RecordingFailed, VideoError, TruthError), rec.video)
 
@@ -218,8 +220,11 @@ def run_preprocess(layout: str, input_uri: str, output_uri: str, config: dict, o
     log(f"{len(records)} recordings in {input_uri} ({layout}): {len(kept)} unchanged, {len(todo)} to process "
         f"on {opts.engine}")
     out_fs.makedirs(out_root, exist_ok=True)
+    # one worker per core (a cluster, or a local run with --workers filling the cores): single-threaded
+    # decodes; fewer local workers than cores: let each decode use threads
+    threads = 0 if opts.local and min(opts.local_workers, len(todo)) < (os.cpu_count() or 1) else 1
     done = run_step(PreprocessStep, {"layout": layout, "input_uri": input_uri, "output_uri": output_uri,
-                                     "config": config}, todo, opts, output_uri)
+                                     "config": config, "decode_threads": threads}, todo, opts, output_uri)
     rows = kept + done
     remove_stale_shards(previous, rows, out_fs, out_root)
     write_manifest(rows, manifest_uri, out_fs)

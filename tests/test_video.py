@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from transforms.resample import Resampler
-from transforms.video import VideoError, YUVFrame, iter_blocks, iter_frames, probe
+from transforms.video import VideoError, YUVFrame, decode_threads, iter_blocks, iter_frames, probe
 
 H, W = 48, 64
 
@@ -139,6 +139,17 @@ def test_lazy_frames_of_rotated_or_rgb_video_are_plain_arrays(tmp_path):
         (_, frames), = list(iter_blocks(path, lazy=True))
         assert all(isinstance(f, np.ndarray) for f in frames)
         np.testing.assert_array_equal(np.stack(frames), read_all(path)[1])
+
+
+def test_single_threaded_decode_gives_the_same_frames(tmp_path):
+    path = write_video(tmp_path / "h264.mp4", make_frames(40, h=96, w=128))
+    t, frames = read_all(path)
+    with decode_threads(1):
+        t1, frames1 = read_all(path)
+    np.testing.assert_array_equal(t1, t)
+    np.testing.assert_array_equal(frames1, frames)
+    with pytest.raises(ValueError), decode_threads(-1):
+        pass
 
 
 def test_blocks_are_bounded_and_start_skips(tmp_path):

@@ -16,8 +16,10 @@ Local paths only: callers copy remote URIs to a local file first.
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +31,26 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TRUNCATION_TOLERANCE_S = 0.5  # decoded video may fall this far short of the header's duration (or 3 frames)
+
+
+_DECODE_THREADS = contextvars.ContextVar("decode_threads", default=0)
+
+
+@contextmanager
+def decode_threads(n: int):
+    """Decode video with `n` threads inside this block; 0 (the default) lets FFmpeg use every core.
+
+    A job that already runs one worker per core decodes single-threaded (`decode_threads(1)`): more threads
+    would only contend with the other workers (8 recordings on 2 cores: 1.6x faster with 2 workers than
+    with 1 this way, 1.4x with threaded decodes).
+    """
+    if n < 0:
+        raise ValueError(f"decode threads must be >= 0, got {n}")
+    token = _DECODE_THREADS.set(n)
+    try:
+        yield
+    finally:
+        _DECODE_THREADS.reset(token)
 
 
 class VideoError(Exception):
@@ -228,7 +250,10 @@ def _rotation(frame: av.VideoFrame) -> int:
 def _iter_video(path: Path, start: int, lazy: bool = False) -> Iterator[tuple[float, np.ndarray | YUVFrame]]:
     with _open(path) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame + slice threads: the decode is the costly part
+        threads = _DECODE_THREADS.get()
+        # frame + slice threads, as many as asked (0: one per core): the decode is the costly part
+        stream.thread_type = "AUTO" if threads != 1 else "NONE"
+        stream.codec_context.thread_count = threads
         rate = stream.average_rate or stream.guessed_rate or Fraction(30)
         declared_s = _declared_span(container, stream, float(rate))
         pts0: int | None = None
