@@ -7,6 +7,8 @@ JAX, run in a subprocess with its own venv, as the wheel runs it: its jitted `lo
 Measures flow-step latency (median ms per frame after warm-up), chunk throughput (frames/s over an
 1800-frame video, the last partial chunk padded as the wheel does), flow state size and compile time.
 Prints a table and writes bench/results/model.json. Timings are wall clock on a possibly shared machine.
+With --batch-sizes, also batched whole-video inference: B 1800-frame videos per device call (the GPU
+figure of the model issue: `--batch-sizes 1 16 64 256 --precisions float32 bfloat16` where JAX sees a GPU).
 """
 from __future__ import annotations
 
@@ -109,6 +111,36 @@ def bench_ours(n_flow: int, n_warm: int, n_video: int, chunk_repeats: int) -> di
     return out
 
 
+def bench_batched(batch_sizes, precisions, n_video: int, repeats: int) -> list[dict]:
+    """Whole-video chunk mode over B videos per device call (batched whole-video inference), frames/s."""
+    import jax
+    import jax.numpy as jnp
+
+    import model
+    from model.me_rppg import apply_chunk
+
+    rows = []
+    for precision in precisions:
+        m = model.load("me-rppg", "rlap", precision=precision)
+        for b in batch_sizes:
+            video = jnp.asarray(np.random.default_rng(b).integers(0, 256, (b, n_video, 36, 36, 3), dtype=np.uint8))
+            state0 = m.init_state(b)
+            t = time.perf_counter()
+            run = apply_chunk.lower(m.params, video, state0, cfg=m.cfg).compile()
+            compile_s = time.perf_counter() - t
+            jax.block_until_ready(run(m.params, video, state0))
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                jax.block_until_ready(run(m.params, video, state0))
+                times.append(time.perf_counter() - t)
+            rows.append({"precision": precision, "batch": b, "frames": b * n_video, "compile_s": compile_s,
+                         "fps": b * n_video / float(np.median(times)), "device": str(jax.devices()[0])})
+            print(f"  {precision:>8s}  B={b:<5d} {rows[-1]['fps']:12.0f} frames/s  (compile {compile_s:.1f} s)",
+                  flush=True)
+    return rows
+
+
 def bench_reference(python: str, n_flow: int, n_warm: int, n_video: int, chunk_repeats: int) -> dict:
     args = [python, "-c", REFERENCE, str(n_flow), str(n_warm), str(n_video), str(chunk_repeats)]
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -126,6 +158,11 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=VIDEO_FRAMES)
     ap.add_argument("--repeats", type=int, default=3, help="chunk-mode passes over the video (ours)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "model.json"))
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[],
+                    help="also time chunk mode over B whole videos per device call, for each B "
+                         "(batched inference; on a GPU e.g. 1 16 64 256)")
+    ap.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="precisions of the batched runs (default: float32)")
     args = ap.parse_args(argv)
 
     load_before = os.getloadavg()
@@ -151,7 +188,12 @@ def main(argv=None) -> int:
     print(f"load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
           f"after: {', '.join(f'{v:.2f}' for v in os.getloadavg())} (other jobs slow the wall-clock figures)")
 
-    result = {"ours": ours, "reference": ref, "cpu_count": os.cpu_count(), "frames": args.frames,
+    batched = []
+    if args.batch_sizes:
+        print(f"batched whole-video chunk mode, {args.frames} frames per video:")
+        batched = bench_batched(args.batch_sizes, args.precisions, args.frames, args.repeats)
+
+    result = {"ours": ours, "reference": ref, "batched": batched, "cpu_count": os.cpu_count(), "frames": args.frames,
               "flow_steps": args.flow_steps, "load_average_before": load_before, "load_average": os.getloadavg()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
