@@ -30,12 +30,15 @@ def make_frames(n: int, h: int = H, w: int = W, seed: int = 0) -> np.ndarray:
 
 
 def write_video(path, frames, *, codec="libx264", pix_fmt="yuv420p", rate=30, pts_ms=None, rotation=None,
-                options=None):
-    """Encode frames (n, h, w, 3) RGB; pts_ms sets each frame's time by hand (variable frame rate)."""
+                options=None, colorspace=None):
+    """Encode frames (n, h, w, 3) RGB; pts_ms sets each frame's time by hand (variable frame rate);
+    colorspace tags the stream (FFmpeg's AVColorSpace number, e.g. 1 for BT.709)."""
     with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = pix_fmt
+        if colorspace is not None:
+            stream.codec_context.colorspace = colorspace
         if pts_ms is not None:
             stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
         if rotation is not None:
@@ -131,11 +134,13 @@ def test_lazy_frames_convert_regions_exactly_as_the_whole_and_close_to_ffmpeg(tm
             np.testing.assert_array_equal(frame[y0:y1, x0:x1], whole[y0:y1, x0:x1])  # odd edges included
 
 
-def test_lazy_frames_of_rotated_or_rgb_video_are_plain_arrays(tmp_path):
+def test_lazy_frames_of_rotated_rgb_or_bt709_video_are_plain_arrays(tmp_path):
+    # YUVFrame converts as FFmpeg does only for untagged or BT.601 limited-range 4:2:0: the rest stay FFmpeg's
     upright = make_frames(3)
     rotated = write_video(tmp_path / "rot.mp4", np.rot90(upright, -1, axes=(1, 2)), rotation=90)
     rgb = write_video(tmp_path / "rgb.mkv", upright, codec="ffv1", pix_fmt="bgr0")
-    for path in (rotated, rgb):
+    bt709 = write_video(tmp_path / "bt709.mp4", upright, colorspace=1)
+    for path in (rotated, rgb, bt709):
         (_, frames), = list(iter_blocks(path, lazy=True))
         assert all(isinstance(f, np.ndarray) for f in frames)
         np.testing.assert_array_equal(np.stack(frames), read_all(path)[1])
