@@ -8,6 +8,7 @@ without a face enter the model as zeros (as in the published implementation) and
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -102,10 +103,8 @@ class ModelSet:
         return predictors
 
     def _make(self, kind: str, weights: str | None, batch: int):
-        if kind == "me-chunk":
-            return MEChunkPredictor(self._me[weights], batch)
-        if kind == "me-flow":
-            return MEFlowPredictor(self._me[weights], batch)
+        if kind in ME_NAMES:
+            return MEPredictor(self._me[weights], kind.removeprefix("me-"), batch)
         return BaselinePredictor(kind, batch)
 
 
@@ -138,41 +137,28 @@ class _Blocks:
         return out.astype(np.float64) * found  # BVP of no-face frames is zeroed
 
 
-class MEChunkPredictor(_Blocks):
-    """ME-rPPG chunk mode: each block is one 160-frame chunk of every stream, state carried between them."""
+class MEPredictor(_Blocks):
+    """ME-rPPG over blocks of every stream, one device call per block, state carried between blocks.
 
-    def __init__(self, me, batch: int = 1):
+    mode "chunk": each block is one 160-frame chunk (`apply_chunk`). Mode "flow": frame by frame with the
+    recursive state, as a real-time client runs it (`flow_frames` scans `flow_step` over the block).
+    """
+
+    def __init__(self, me, mode: str, batch: int = 1):
         import model
 
-        if me.cfg.chunk != BLOCK:
+        if mode == "chunk" and me.cfg.chunk != BLOCK:
             raise ValueError(f"chunk mode needs blocks of one chunk ({me.cfg.chunk} frames), got {BLOCK}")
         super().__init__(batch)
-        self._apply, self._me = model.apply_chunk, me
+        self._me = me
+        self._run = model.apply_chunk if mode == "chunk" else functools.partial(model.flow_frames, dt=1.0 / FPS)
         self._state = me.init_state(batch)
 
     def push(self, crops: np.ndarray, found: np.ndarray, n_valid: np.ndarray) -> None:
         self._keep(found, n_valid)
         # JAX's async dispatch returns at once, so the model overlaps with reading the next block
         frames = np.where(found[..., None, None, None], crops, 0)
-        bvp, self._state = self._apply(self._me.params, frames, self._state, cfg=self._me.cfg)
-        self._out.append(bvp)
-
-
-class MEFlowPredictor(_Blocks):
-    """ME-rPPG flow mode: frame by frame with the recursive state, as a real-time client runs it (one
-    device call per block through `flow_frames`, which scans `flow_step` over the frames)."""
-
-    def __init__(self, me, batch: int = 1):
-        import model
-
-        super().__init__(batch)
-        self._run, self._me = model.flow_frames, me
-        self._state = me.init_state(batch)
-
-    def push(self, crops: np.ndarray, found: np.ndarray, n_valid: np.ndarray) -> None:
-        self._keep(found, n_valid)
-        frames = np.where(found[..., None, None, None], crops, 0)
-        bvp, self._state = self._run(self._me.params, frames, self._state, 1.0 / FPS, cfg=self._me.cfg)
+        bvp, self._state = self._run(self._me.params, frames, self._state, cfg=self._me.cfg)
         self._out.append(bvp)
 
 
