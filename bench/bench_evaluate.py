@@ -5,7 +5,7 @@ Test data: a synthetic cohort (`transforms.synth`, --subjects x 1 recording x --
 H.264 crf 20) preprocessed once with `run_preprocess` on Beam; both are written into --workdir and reused.
 Every measurement runs in a fresh subprocess of this Python. It measures:
 
-1. direct: in one process, `ModelSet(["me-chunk:rlap"]).predictors()` fed each recording's shard
+1. direct: in one process, `ModelSet(["me-chunk:rlap"]).feed` on each recording's shard
    (`read_segments`, every column, as EvaluateStep reads it) then `finish()`; the first recording is a
    warm-up (it pays the XLA compile) and is left out of frames/s; model load and warm-up are reported apart;
 2. step: `EvaluateStep` called directly in the same process (no engine) on the same recordings, one per
@@ -113,21 +113,29 @@ def _busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
     return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total else 0.0
 
 
-def child_direct(spec: dict) -> dict:
-    """ModelSet predictors, then EvaluateStep, on every recording in this process; first one a warm-up."""
+def infer_bucket(models, input_uri: str, bucket: list[dict]) -> int:
+    """The models over a bucket of recordings' shards (every column, as EvaluateStep reads them) in
+    lockstep, outputs fetched; returns the frames of one model's output."""
     import fsspec
 
-    from pipelines.evaluate import EvaluateStep, work_items
-    from pipelines.predictors import ModelSet
     from transforms.shards import read_segments
 
-    fs, root = fsspec.core.url_to_fs(spec["input"])
+    fs, root = fsspec.core.url_to_fs(input_uri)
+    streams = [((seg.frames, seg.face_found) for seg in read_segments(f"{root.rstrip('/')}/{i['shard']}", fs,
+                                                                      columns=None)) for i in bucket]
+    outputs = [p.finish() for p in models.feed(streams).values()]
+    return sum(len(b) for b in outputs[0])
+
+
+def child_direct(spec: dict) -> dict:
+    """ModelSet predictors, then EvaluateStep, on every recording in this process; first one a warm-up."""
+    from pipelines.evaluate import EvaluateStep, work_items
+    from pipelines.predictors import ModelSet
+
     items = [i for i in work_items(manifest_rows(spec["input"])) if not i["reason"]]
 
     def infer(models: ModelSet, item: dict) -> int:
-        segments = read_segments(f"{root.rstrip('/')}/{item['shard']}", fs, columns=None)
-        predictors = models.feed([((seg.frames, seg.face_found) for seg in segments)])
-        return sum(len(p.finish()[0]) for p in predictors.values()) // len(predictors)
+        return infer_bucket(models, spec["input"], [item])
 
     t0 = time.perf_counter()
     models = ModelSet(MODELS)
@@ -197,30 +205,21 @@ def child_engine(spec: dict) -> dict:
 def child_batched(spec: dict) -> dict:
     """Every recording through the models in buckets of B (one device call per block serves B), for each B;
     a warm-up bucket first per B (it pays that shape's compile)."""
-    import fsspec
     import jax
 
     from pipelines.evaluate import work_items
     from pipelines.predictors import ModelSet
-    from transforms.shards import read_segments
 
-    fs, root = fsspec.core.url_to_fs(spec["input"])
     items = [i for i in work_items(manifest_rows(spec["input"])) if not i["reason"]]
     models = ModelSet(MODELS)
-
-    def run(bucket: list[dict]) -> int:
-        streams = [((seg.frames, seg.face_found) for seg in read_segments(f"{root.rstrip('/')}/{i['shard']}", fs))
-                   for i in bucket]
-        outputs = [p.finish() for p in models.feed(streams).values()]
-        return sum(len(b) for b in outputs[0])
 
     out = {"device": str(jax.devices()[0]), "recordings": len(items), "by_batch": {}}
     for b in spec["batch_sizes"]:
         t0 = time.perf_counter()
-        run(items[:b])
+        infer_bucket(models, spec["input"], items[:b])
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
-        frames = sum(run(items[s:s + b]) for s in range(0, len(items), b))
+        frames = sum(infer_bucket(models, spec["input"], items[s:s + b]) for s in range(0, len(items), b))
         out["by_batch"][str(b)] = {"frames": frames, "wall_s": time.perf_counter() - t0, "warmup_s": warm}
     return out
 

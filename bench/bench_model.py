@@ -65,11 +65,10 @@ print("RESULT " + json.dumps(out))
 
 
 def bench_ours(n_flow: int, n_warm: int, n_video: int, chunk_repeats: int) -> dict:
-    import jax
     import jax.numpy as jnp
 
     import model
-    from model.me_rppg import apply_chunk, flow_step, state_bytes
+    from model.me_rppg import flow_step, state_bytes
 
     frames = np.random.default_rng(0).integers(0, 256, (n_video, 36, 36, 3), dtype=np.uint8)
     m = model.load("me-rppg", "rlap")
@@ -93,22 +92,33 @@ def bench_ours(n_flow: int, n_warm: int, n_video: int, chunk_repeats: int) -> di
     out["flow_ms_p90"] = 1000 * float(np.percentile(times, 90))
     out["state_bytes"] = state_bytes(state0)
 
-    video = jnp.asarray(frames)
-    t = time.perf_counter()
-    run = apply_chunk.lower(m.params, video, state0).compile()
-    out["chunk_compile_s"] = time.perf_counter() - t
-    jax.block_until_ready(run(m.params, video, state0))
-    fps, cpu = [], []
-    for _ in range(chunk_repeats):
-        c, t = time.process_time(), time.perf_counter()
-        jax.block_until_ready(run(m.params, video, state0))
-        fps.append(n_video / (time.perf_counter() - t))
-        cpu.append(time.process_time() - c)
+    compile_s, seconds, cpu = time_chunk(m, jnp.asarray(frames), state0, chunk_repeats)
+    fps = [n_video / s for s in seconds]
+    out["chunk_compile_s"] = compile_s
     out["chunk_fps"] = float(np.median(fps))
     # CPU seconds per frame (all threads): steadier than wall clock when other jobs share the cores
     out["chunk_cpu_ms_per_frame"] = 1000 * float(np.median(cpu)) / n_video
     out["chunk_fps_best"] = float(np.max(fps))
     return out
+
+
+def time_chunk(m, video, state0, repeats: int) -> tuple[float, list[float], list[float]]:
+    """apply_chunk compiled for `video`'s shape, then timed: (compile s, wall s per run, CPU s per run)."""
+    import jax
+
+    from model.me_rppg import apply_chunk
+
+    t = time.perf_counter()
+    run = apply_chunk.lower(m.params, video, state0, cfg=m.cfg).compile()
+    compile_s = time.perf_counter() - t
+    jax.block_until_ready(run(m.params, video, state0))
+    wall, cpu = [], []
+    for _ in range(repeats):
+        c, t = time.process_time(), time.perf_counter()
+        jax.block_until_ready(run(m.params, video, state0))
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return compile_s, wall, cpu
 
 
 def bench_batched(batch_sizes, precisions, n_video: int, repeats: int) -> list[dict]:
@@ -117,25 +127,15 @@ def bench_batched(batch_sizes, precisions, n_video: int, repeats: int) -> list[d
     import jax.numpy as jnp
 
     import model
-    from model.me_rppg import apply_chunk
 
     rows = []
     for precision in precisions:
         m = model.load("me-rppg", "rlap", precision=precision)
         for b in batch_sizes:
             video = jnp.asarray(np.random.default_rng(b).integers(0, 256, (b, n_video, 36, 36, 3), dtype=np.uint8))
-            state0 = m.init_state(b)
-            t = time.perf_counter()
-            run = apply_chunk.lower(m.params, video, state0, cfg=m.cfg).compile()
-            compile_s = time.perf_counter() - t
-            jax.block_until_ready(run(m.params, video, state0))
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                jax.block_until_ready(run(m.params, video, state0))
-                times.append(time.perf_counter() - t)
+            compile_s, seconds, _ = time_chunk(m, video, m.init_state(b), repeats)
             rows.append({"precision": precision, "batch": b, "frames": b * n_video, "compile_s": compile_s,
-                         "fps": b * n_video / float(np.median(times)), "device": str(jax.devices()[0])})
+                         "fps": b * n_video / float(np.median(seconds)), "device": str(jax.devices()[0])})
             print(f"  {precision:>8s}  B={b:<5d} {rows[-1]['fps']:12.0f} frames/s  (compile {compile_s:.1f} s)",
                   flush=True)
     return rows

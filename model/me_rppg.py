@@ -194,8 +194,8 @@ def _ssconv(p, x, state: SSConvState, cfg: MEConfig, flow_dt):
     else:
         x0, tn_state = tn_step(x[:, 0], state.tn, flow_dt, cfg.tn_half_life, cfg.tn_eps)
         x0 = x0[:, None]
-    dt = cfg.compute_dtype
-    x1 = jax.nn.relu(_dense(_conv2d(x0, p["conv1"], dtype=dt), p["dense1"], dt))  # (b, l, H, W, 2K)
+    dtype = cfg.compute_dtype
+    x1 = jax.nn.relu(_dense(_conv2d(x0, p["conv1"], dtype=dtype), p["dense1"], dtype))  # (b, l, H, W, 2K)
     x2 = jnp.mean(jnp.mean(x1, axis=2), axis=2)  # (b, l, 2K); one axis at a time: XLA CPU reduces both at once slower
     if flow_dt is None:
         x2, m_state = mamba_chunk(p["mamba"], x2, state.mamba, cfg.chunk, cfg.norm_eps)
@@ -203,7 +203,7 @@ def _ssconv(p, x, state: SSConvState, cfg: MEConfig, flow_dt):
         x2, m_state = mamba_step(p["mamba"], x2[:, 0], state.mamba, cfg.norm_eps)
         x2 = x2[:, None]
     x0 = x0 + (x2 @ p["proj"])[:, :, None, None]  # (b, l, H, W, K)
-    return jax.nn.relu(_conv2d(x0, p["conv2"], dtype=dt)), SSConvState(tn_state, m_state)
+    return jax.nn.relu(_conv2d(x0, p["conv2"], dtype=dtype)), SSConvState(tn_state, m_state)
 
 
 def _network(params, x, state: MEState, cfg: MEConfig, flow_dt=None):

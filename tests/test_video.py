@@ -130,7 +130,7 @@ def test_lazy_frames_convert_regions_exactly_as_the_whole_and_close_to_ffmpeg(tm
     for frame, ffmpeg in zip(lazy, eager):
         whole = np.asarray(frame)
         assert whole.dtype == np.uint8 and np.abs(whole.astype(int) - ffmpeg).mean() < 2  # BT.601 both ways
-        for y0, y1, x0, x1 in [(0, 96, 0, 128), (13, 77, 31, 100), (14, 76, 30, 101), (95, 96, 127, 128)]:
+        for y0, y1, x0, x1 in [(13, 77, 31, 100), (14, 76, 30, 101), (95, 96, 127, 128)]:
             np.testing.assert_array_equal(frame[y0:y1, x0:x1], whole[y0:y1, x0:x1])  # odd edges included
 
 
