@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REF_VENV := .venv-ref
 REF_STAMP := $(REF_VENV)/.installed
 
-.PHONY: demo test test-all bench bench-model ref-venv fixtures clean
+.PHONY: demo test test-all bench bench-model ref-venv fixtures gpu-kit clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ fixtures: $(STAMP) $(REF_STAMP)
 bench: $(STAMP) $(REF_STAMP)
 	$(PY) bench/bench_model.py --ref-python $(REF_VENV)/bin/python
 	$(PY) bench/bench_video.py --ref-python $(REF_VENV)/bin/python
+
+# What bench/gpu_check.sh needs on a lent GPU machine that has no network: the published weights.
+gpu-kit: $(STAMP)
+	mkdir -p .gpu-kit/weights
+	dir=$$($(PY) -c 'from transforms.published_files import weights_dir; print(weights_dir())') && \
+	  cp "$$dir/ME.rlap.weights.h5" "$$dir/ME.pure.weights.h5" "$$dir/state.pkl" .gpu-kit/weights/
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) *.egg-info

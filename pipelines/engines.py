@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import re
 import sys
 import threading
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 
 import fsspec
@@ -88,10 +89,11 @@ def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions
     if opts.num_gpus and opts.local:
         opts = _local_gpu_workers(opts)
     if opts.engine == "beam":
-        with _without_beam_harness_logs():
+        with _stderr_without(_BEAM_NOISE):
             return _run_beam(step_cls, step_kwargs, items, opts, work_uri, model_batch)
     if opts.engine == "ray":
-        return _run_ray(step_cls, step_kwargs, items, opts, model_batch)
+        with _stderr_without(_RAY_NOISE):
+            return _run_ray(step_cls, step_kwargs, items, opts, model_batch)
     raise ValueError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
 
 
@@ -166,13 +168,17 @@ def _run_beam(step_cls, step_kwargs, items, opts: EngineOptions, work_uri: str, 
 # Beam's local worker processes log at INFO (the pipeline options that set their level do not reach them):
 # their start-up and shutdown, and any library's INFO lines; the driver echoes their warnings. Dropped: INFO
 # and DEBUG lines, and warnings of the root, __main__ and apache_beam loggers. Errors and the rest pass.
-_BEAM_HARNESS_LOG = re.compile(rb"^((DEBUG|INFO):[\w.]+|WARNING:(root|__main__|apache_beam[\w.]*)):")
+_BEAM_NOISE = re.compile(rb"^((DEBUG|INFO):[\w.]+|WARNING:(root|__main__|apache_beam[\w.]*)):")
+# Ray's core worker logs an error for every Ray Data actor pool, whose actors always get their constructor
+# through the object store (ray-project/ray#53727); it concerns restarts after a lost object, never our results.
+_RAY_NOISE = re.compile(rb"^\[[^]]*\] core_worker\.cc:\d+: Actor with class name: .* has constructor arguments "
+                        rb"in the object store")
 
 
 @contextmanager
-def _without_beam_harness_logs():
-    """Filter this process's stderr (file descriptor 2, which Beam's worker processes inherit) through a
-    thread that drops Beam's harness log lines while the pipeline runs."""
+def _stderr_without(noise: re.Pattern):
+    """Filter this process's stderr (file descriptor 2, which the engine's local worker processes inherit and
+    its native code writes to) through a thread that drops the lines `noise` matches while the job runs."""
     sys.stderr.flush()
     saved = os.dup(2)
     read_end, write_end = os.pipe()
@@ -182,16 +188,16 @@ def _without_beam_harness_logs():
     def pump():
         with os.fdopen(read_end, "rb") as lines:
             for line in lines:
-                if not _BEAM_HARNESS_LOG.match(line):
+                if not noise.match(line):
                     os.write(saved, line)
 
-    thread = threading.Thread(target=pump, name="beam-log-filter", daemon=True)
+    thread = threading.Thread(target=pump, name="engine-log-filter", daemon=True)
     thread.start()
     try:
         yield
     finally:
         sys.stderr.flush()
-        os.dup2(saved, 2)  # the pipe's last writer here; the workers holding it have ended with the pipeline
+        os.dup2(saved, 2)  # the pipe's last writer here; the workers holding it have ended with the job
         thread.join(timeout=10)
         if not thread.is_alive():
             os.close(saved)
@@ -233,7 +239,12 @@ def _write_json_lines(lines: list[str], uri: str) -> None:
 # ---- Ray Data ---------------------------------------------------------------------------------------
 
 class _RayStep:
-    """Ray Data actor: one step instance per worker, rows carry JSON envelopes."""
+    """Ray Data actor: one step instance per worker, rows carry JSON envelopes.
+
+    What the step prints to stderr (its progress lines) travels back in the envelope and the driver prints
+    it as the result arrives: Ray's own forwarding of worker output drops what its log monitor has not read
+    by the time the job ends.
+    """
 
     def __init__(self, step_cls, step_kwargs):
         self.step = step_cls(**step_kwargs)
@@ -243,7 +254,14 @@ class _RayStep:
 
     def run(self, envelope: str) -> str:
         e = json.loads(envelope)
-        return json.dumps({"index": e["index"], "result": self.step(e["item"])}, sort_keys=True)
+        with redirect_stderr(io.StringIO()) as log:
+            result = self.step(e["item"])
+        return json.dumps({"index": e["index"], "result": result, "log": log.getvalue()}, sort_keys=True)
+
+    def __del__(self):  # Ray Data has no teardown hook; this runs when the pool lets the actor go
+        close = getattr(getattr(self, "step", None), "close", None)
+        if close is not None:
+            close()
 
 
 class _RayModelStep(_RayStep):
@@ -252,22 +270,19 @@ class _RayModelStep(_RayStep):
     def __call__(self, batch: dict) -> dict:
         return {"envelope": [self.run(e) for e in batch["envelope"]]}
 
-    def __del__(self):
-        close = getattr(self.step, "close", None)
-        if close is not None:
-            close()
-
 
 def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int) -> list[dict]:
+    if not sys.stderr.isatty():  # what Ray forwards from its workers, without colour codes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     import ray
 
     started_here = not ray.is_initialized()
     if started_here:
-        quiet = dict(logging_level=logging.ERROR, log_to_driver=True)  # workers' progress lines still show
+        quiet = dict(logging_level=logging.ERROR, log_to_driver=True)  # workers' errors still show
         if opts.ray_address:
             ray.init(address=opts.ray_address, **quiet)
         else:
-            ray.init(num_cpus=opts.local_workers, include_dashboard=False, **quiet)
+            _start_local_ray(ray, num_cpus=opts.local_workers, include_dashboard=False, **quiet)
     try:
         import ray.data
 
@@ -276,16 +291,35 @@ def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int
         ray.data.DataContext.get_current().enable_progress_bars = False
         workers = min(opts.local_workers if not opts.ray_address else len(items), len(items))
         ds = ray.data.from_items([{"envelope": e} for e in _envelopes(items)], override_num_blocks=len(items))
-        actors = dict(fn_constructor_args=(step_cls, step_kwargs), compute=ray.data.ActorPoolStrategy(size=workers),
-                      num_cpus=1, num_gpus=opts.num_gpus or None)
+        # two items in flight per actor: the next one is waiting when an actor finishes one (with one, each
+        # item waited about 0.1 s for the driver's next dispatch), and items, longest first, do not queue
+        # behind a busy actor while another is free, as Ray Data's default of four let them
+        pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2)
+        actors = dict(fn_constructor_args=(step_cls, step_kwargs), compute=pool, num_cpus=1,
+                      num_gpus=opts.num_gpus or None)
         if model_batch:
             out = ds.map_batches(_RayModelStep, batch_size=model_batch, batch_format="numpy", **actors)
         else:
             out = ds.map(_RayStep, **actors)
-        return _in_order([row["envelope"] for row in out.take_all()], len(items))
+        envelopes = []
+        for row in out.iter_rows():  # streamed as workers finish items, so progress shows as it happens
+            sys.stderr.write(json.loads(row["envelope"])["log"])
+            envelopes.append(row["envelope"])
+        return _in_order(envelopes, len(items))
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _start_local_ray(ray, **init_args) -> None:
+    """ray.init, once more if the first start times out: now and then a local raylet never registers
+    (ray-project/ray#50474; seen once here in about thirty starts); a second start works."""
+    try:
+        ray.init(**init_args)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for its start-up timeout
+        ray.shutdown()  # what the failed start left running
+        print(f"pulsepipe: Ray did not start ({str(e).splitlines()[0]}); starting it once more", file=sys.stderr)
+        ray.init(**init_args)
 
 
 def _check_gpus(ray, num_gpus: float) -> None:

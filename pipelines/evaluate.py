@@ -86,7 +86,8 @@ class _Recording:
 
     def __init__(self, item: dict, fs, root: str):
         self.item, self.fs = item, fs
-        self.uri = f"{root.rstrip('/')}/{item['shard']}"
+        # a recording that failed in preprocessing has no shard: its messages name it instead
+        self.uri = f"{root.rstrip('/')}/{item['shard']}" if item["shard"] else f"{item['dataset']}/{item['recording_id']}"
         self.error: str | None = item.get("reason")
         self.found: list[np.ndarray] = []
         self.truth: list[np.ndarray | None] = []

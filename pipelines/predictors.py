@@ -9,6 +9,8 @@ without a face enter the model as zeros (as in the published implementation) and
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -20,6 +22,24 @@ BLOCK = 160  # frames per push: one ME-rPPG chunk, so chunk mode compiles one sh
 ME_NAMES = ("me-chunk", "me-flow")
 MODEL_NAMES = ME_NAMES + tuple(BASELINES)
 PRECISIONS = ("float32", "bfloat16")  # of ME-rPPG's convolutions: the published model's, or for GPUs
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled ME-rPPG executables are kept across runs: $XDG_CACHE_HOME/pulsepipe/xla."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pulsepipe" / "xla"
+
+
+def use_compile_cache() -> None:
+    """Turn on JAX's persistent compilation cache, unless JAX_COMPILATION_CACHE_DIR already chose a place.
+
+    Every worker of every run compiles the same few shapes (one per batch size and precision), seconds each
+    on a CPU; with the cache only the first run on a machine pays. A cached executable is the one the
+    compiler would build again, so outputs are unchanged.
+    """
+    import jax
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir()))
 
 
 def lockstep(streams: list[Iterable[tuple[np.ndarray, np.ndarray]]], size: int = BLOCK
@@ -80,6 +100,7 @@ class ModelSet:
             if kind in ME_NAMES and w not in self._me:
                 import model
 
+                use_compile_cache()
                 self._me[w] = model.load("me-rppg", weights=w, precision=precision)
 
     @staticmethod

@@ -54,3 +54,20 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_with_the_reason(tmp_path):
     opts = EngineOptions("ray", workers=1, num_gpus=1)
     with pytest.raises(RuntimeError, match="GPU per worker asked for"):
         run_step(SquareStep, {"offset": 0}, [{"x": 1}], opts, str(tmp_path))
+
+
+def test_a_local_ray_start_that_times_out_is_tried_once_more(tmp_path, monkeypatch, capfd):
+    import ray
+
+    real_init, calls = ray.init, []
+
+    def init_timing_out_once(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(ray, "init", init_timing_out_once)
+    results = run_step(SquareStep, {"offset": 0}, [{"x": 3}], EngineOptions("ray", workers=1), str(tmp_path))
+    assert [r["y"] for r in results] == [9] and len(calls) == 2
+    assert "Ray did not start (The current node timed out during startup." in capfd.readouterr().err

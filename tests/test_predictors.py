@@ -86,3 +86,38 @@ def test_baselines_in_a_batch_equal_each_recording_alone_and_unkept_streams_give
     for k in (0, 2):
         frames, found = streams[k]
         np.testing.assert_allclose(bvps[k], pos(rgb_means(frames, found), FPS), rtol=1e-12)
+
+
+_CACHED_RUN = """
+import sys, jax, numpy as np
+from pipelines.predictors import ModelSet
+hits = []
+jax.monitoring.register_event_listener(lambda event, **_: hits.append(event == "/jax/compilation_cache/cache_hits"))
+rng = np.random.default_rng(3)
+frames, found = rng.integers(40, 220, (200, 36, 36, 3), dtype=np.uint8), np.ones(200, bool)
+np.save(sys.argv[1], ModelSet(["me-chunk"]).feed([[(frames, found)]])["me-chunk"].finish()[0])
+print(sum(hits))
+"""
+
+
+def test_compiled_model_is_kept_on_disk_and_reused_with_the_same_outputs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+
+    def run(out) -> tuple[np.ndarray, int]:
+        done = subprocess.run([sys.executable, "-c", _CACHED_RUN, str(out)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return np.load(out), int(done.stdout.split()[-1])
+
+    first, first_hits = run(tmp_path / "first.npy")
+    assert first_hits == 0
+    assert list((tmp_path / "cache" / "pulsepipe" / "xla").glob("*apply_chunk*")), \
+        "the chunk-mode executable is written under $XDG_CACHE_HOME/pulsepipe/xla"
+    second, second_hits = run(tmp_path / "second.npy")
+    assert second_hits >= 1, "a second process loads it instead of compiling"
+    np.testing.assert_array_equal(first, second)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -74,6 +76,20 @@ def test_beam_and_ray_write_identical_shards_and_manifests(tmp_path, cohort, bea
     fs = fsspec.filesystem("file")
     assert without_timing(read_manifest(str(beam_out / "manifest.parquet"), fs)) == \
         without_timing(read_manifest(str(tmp_path / "manifest.parquet"), fs))
+
+
+@pytest.mark.parametrize("engine", ["beam", "ray"])
+def test_console_shows_every_recording_and_no_engine_noise(engine, tmp_path, cohort):
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "preprocess", "--layout", "synthetic", "--input",
+                           str(cohort), "--output", str(tmp_path), "--engine", engine],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    progress = sorted(line for line in lines if "synthetic/" in line)
+    assert progress == [f"  synthetic/s00{i}-r01: ok, 120 frames" for i in (1, 2, 3)], lines  # no prefix, none lost
+    assert f"3 recordings in {cohort} (synthetic): 0 unchanged, 3 to process on {engine}" in lines
+    noise = [line for line in lines if any(w in line for w in ("Traceback", "INFO", "core_worker", "\x1b["))]
+    assert not noise, noise
 
 
 def test_shards_hold_every_frame_with_ground_truth(beam_out, cohort):
