@@ -1,17 +1,26 @@
 #!/bin/sh
-# The GPU figures of issue #5 in one run on a lent GPU machine (see ../.library/device): batched whole-video
-# ME-rPPG throughput at B = 1, 16, 64, 256 recordings per device call in float32 and bfloat16, and the model
-# parity tests on that GPU. That machine reaches no network, so nothing is installed there: its python3
-# brings JAX with CUDA, h5py and pytest; the published weights travel in .gpu-kit/ (`make gpu-kit` here,
-# then carry .gpu-kit). Usage, from the repository root:  sh bench/gpu_check.sh OUT_DIR
-set -eu
+# The GPU figures of the evaluation issue in one run, on a machine with an NVIDIA GPU and no network:
+# batched whole-video ME-rPPG throughput at B = 1, 16, 64, 256 recordings per device call in float32 and
+# bfloat16 (bench_model.py), and the model parity tests on that GPU. Nothing is installed: the machine's
+# Python must bring JAX with CUDA, h5py and pytest; the published weights come in .gpu-kit/ (`make gpu-kit`
+# on a machine with this project installed, then copy .gpu-kit along with the checkout).
+# Usage, from the repository root:  sh bench/gpu_check.sh OUT_DIR   (exit status 1 if a step failed)
+set -u
 out=${1:?usage: sh bench/gpu_check.sh OUT_DIR}
 py=${PYTHON:-python3}
 export PULSEPIPE_WEIGHTS_DIR="$PWD/.gpu-kit/weights" PYTHONUNBUFFERED=1
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
-"$py" -c 'import jax; print(jax.__version__, jax.devices())' | tee "$out/jax.txt"
-"$py" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu" and "JAX sees no GPU")' || [ -n "${ALLOW_CPU:-}" ]
-"$py" bench/bench_model.py --batch-sizes ${BATCH_SIZES:-1 16 64 256} --precisions float32 bfloat16 \
-    --out "$out/model-gpu.json" 2>&1 | tee "$out/model-gpu.log"
-"$py" -m pytest -p no:cacheprovider tests/test_model_parity.py 2>&1 | tee "$out/parity-gpu.log"
+status=0
+step() {  # step NAME COMMAND...: its output into OUT_DIR/NAME.log and here; a failure is remembered
+    name=$1; shift
+    "$@" > "$out/$name.log" 2>&1 || { echo "$name: FAILED" >> "$out/$name.log"; status=1; }
+    cat "$out/$name.log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+step jax "$py" -c 'import jax; print(jax.__version__, jax.devices())'
+"$py" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu" and "JAX sees no GPU")' \
+    || [ -n "${ALLOW_CPU:-}" ] || exit 1
+step model-gpu "$py" bench/bench_model.py --batch-sizes ${BATCH_SIZES:-1 16 64 256} \
+    --precisions float32 bfloat16 --out "$out/model-gpu.json"
+step parity-gpu "$py" -m pytest -p no:cacheprovider tests/test_model_parity.py
+exit $status

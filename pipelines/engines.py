@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import io
 import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import uuid
@@ -92,6 +94,8 @@ def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions
         with _stderr_without(_BEAM_NOISE):
             return _run_beam(step_cls, step_kwargs, items, opts, work_uri, model_batch)
     if opts.engine == "ray":
+        if not os.isatty(2):  # what Ray forwards from its workers, without colour codes in a log file
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         with _stderr_without(_RAY_NOISE):
             return _run_ray(step_cls, step_kwargs, items, opts, model_batch)
     raise ValueError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
@@ -100,6 +104,28 @@ def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions
 def _envelopes(items: list[dict]) -> list[str]:
     # JSON envelopes carry the position, so results come back in input order from any engine
     return [json.dumps({"index": i, "item": item}, sort_keys=True) for i, item in enumerate(items)]
+
+
+def _answer(step, envelope: str, keep_log: bool = False) -> str:
+    """The step on one envelope's item: the result envelope. keep_log: what the step prints to stderr goes
+    into the envelope (as "log") instead of this process's stderr; if the step fails, it is printed."""
+    e = json.loads(envelope)
+    if not keep_log:
+        return json.dumps({"index": e["index"], "result": step(e["item"])}, sort_keys=True)
+    log = io.StringIO()
+    try:
+        with redirect_stderr(log):
+            result = step(e["item"])
+        return json.dumps({"index": e["index"], "result": result, "log": log.getvalue()}, sort_keys=True)
+    except BaseException:
+        sys.stderr.write(log.getvalue())  # no envelope will carry it
+        raise
+
+
+def _close(step) -> None:
+    close = getattr(step, "close", None)
+    if close is not None:
+        close()
 
 
 def _in_order(envelopes, n: int) -> list[dict]:
@@ -127,22 +153,17 @@ def _run_beam(step_cls, step_kwargs, items, opts: EngineOptions, work_uri: str, 
 
         def run_inference(self, batch, model, inference_args=None):
             for envelope in batch:
-                e = json.loads(envelope)
-                yield PredictionResult(envelope, json.dumps({"index": e["index"], "result": model(e["item"])},
-                                                            sort_keys=True))
+                yield PredictionResult(envelope, _answer(model, envelope))
 
     class StepDoFn(beam.DoFn):
         def setup(self):
             self.step = step_cls(**step_kwargs)
 
         def process(self, envelope: str):
-            e = json.loads(envelope)
-            yield json.dumps({"index": e["index"], "result": self.step(e["item"])}, sort_keys=True)
+            yield _answer(self.step, envelope)
 
         def teardown(self):
-            close = getattr(self.step, "close", None)
-            if close is not None:
-                close()
+            _close(self.step)
 
     results_uri = f"{work_uri.rstrip('/')}/.pulsepipe-results-{uuid.uuid4().hex}.json"
     runner, args = _beam_runner(opts)
@@ -253,15 +274,11 @@ class _RayStep:
         return {"envelope": self.run(row["envelope"])}
 
     def run(self, envelope: str) -> str:
-        e = json.loads(envelope)
-        with redirect_stderr(io.StringIO()) as log:
-            result = self.step(e["item"])
-        return json.dumps({"index": e["index"], "result": result, "log": log.getvalue()}, sort_keys=True)
+        return _answer(self.step, envelope, keep_log=True)
 
-    def __del__(self):  # Ray Data has no teardown hook; this runs when the pool lets the actor go
-        close = getattr(getattr(self, "step", None), "close", None)
-        if close is not None:
-            close()
+    def __del__(self):  # Ray Data's teardown (`__ray_shutdown__`) when an actor exits gracefully; an actor
+        if hasattr(self, "step"):  # still running at ray.shutdown is ended without it, its process freed whole
+            _close(self.step)
 
 
 class _RayModelStep(_RayStep):
@@ -272,8 +289,6 @@ class _RayModelStep(_RayStep):
 
 
 def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int) -> list[dict]:
-    if not sys.stderr.isatty():  # what Ray forwards from its workers, without colour codes in a log file
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     import ray
 
     started_here = not ray.is_initialized()
@@ -291,12 +306,8 @@ def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int
         ray.data.DataContext.get_current().enable_progress_bars = False
         workers = min(opts.local_workers if not opts.ray_address else len(items), len(items))
         ds = ray.data.from_items([{"envelope": e} for e in _envelopes(items)], override_num_blocks=len(items))
-        # two items in flight per actor: the next one is waiting when an actor finishes one (with one, each
-        # item waited about 0.1 s for the driver's next dispatch), and items, longest first, do not queue
-        # behind a busy actor while another is free, as Ray Data's default of four let them
-        pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2)
-        actors = dict(fn_constructor_args=(step_cls, step_kwargs), compute=pool, num_cpus=1,
-                      num_gpus=opts.num_gpus or None)
+        actors = dict(fn_constructor_args=(step_cls, step_kwargs), compute=ray.data.ActorPoolStrategy(size=workers),
+                      num_cpus=1, num_gpus=opts.num_gpus or None)
         if model_batch:
             out = ds.map_batches(_RayModelStep, batch_size=model_batch, batch_format="numpy", **actors)
         else:
@@ -314,12 +325,38 @@ def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int
 def _start_local_ray(ray, **init_args) -> None:
     """ray.init, once more if the first start times out: now and then a local raylet never registers
     (ray-project/ray#50474; seen once here in about thirty starts); a second start works."""
+    before = _descendants()
     try:
         ray.init(**init_args)
-    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for its start-up timeout
-        ray.shutdown()  # what the failed start left running
+    except Exception as e:  # Ray raises a bare Exception for its start-up timeout
+        if "timed out during startup" not in str(e):
+            raise
+        # the failed start's processes (its GCS, dashboard, monitors) are known to no Ray object: end them
+        for pid in _descendants() - before:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        ray.shutdown()
         print(f"pulsepipe: Ray did not start ({str(e).splitlines()[0]}); starting it once more", file=sys.stderr)
         ray.init(**init_args)
+
+
+def _descendants() -> set[int]:
+    """The ids of this process's descendants, read from /proc (empty where there is none)."""
+    parent = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # a process that ended meanwhile
+            continue
+        parent[int(stat.split("/")[2])] = int(fields[1])
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
 
 
 def _check_gpus(ray, num_gpus: float) -> None:

@@ -34,7 +34,8 @@ def use_compile_cache() -> None:
 
     Every worker of every run compiles the same few shapes (one per batch size and precision), seconds each
     on a CPU; with the cache only the first run on a machine pays. A cached executable is the one the
-    compiler would build again, so outputs are unchanged.
+    compiler would build again, so outputs are unchanged. The setting is JAX's, for the whole process:
+    `ModelSet` turns it on, so a program that uses it caches its own slow compiles there too.
     """
     import jax
 

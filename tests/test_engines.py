@@ -57,17 +57,37 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_with_the_reason(tmp_path):
 
 
 def test_a_local_ray_start_that_times_out_is_tried_once_more(tmp_path, monkeypatch, capfd):
+    import subprocess
+    import sys
+
     import ray
 
-    real_init, calls = ray.init, []
+    real_init, calls, left_behind = ray.init, [], []
 
     def init_timing_out_once(**kwargs):
         calls.append(kwargs)
-        if len(calls) == 1:
+        if len(calls) == 1:  # as Ray's timeout does: processes started, then the exception
+            left_behind.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]))
             raise Exception("The current node timed out during startup. This could happen because ...")
         return real_init(**kwargs)
 
     monkeypatch.setattr(ray, "init", init_timing_out_once)
     results = run_step(SquareStep, {"offset": 0}, [{"x": 3}], EngineOptions("ray", workers=1), str(tmp_path))
     assert [r["y"] for r in results] == [9] and len(calls) == 2
+    assert left_behind[0].wait(timeout=10) is not None, "what the failed start left running is ended"
     assert "Ray did not start (The current node timed out during startup." in capfd.readouterr().err
+
+
+def test_other_ray_start_errors_are_not_retried(tmp_path, monkeypatch):
+    import ray
+
+    calls = []
+
+    def init_failing(**kwargs):
+        calls.append(kwargs)
+        raise ValueError("bad argument")
+
+    monkeypatch.setattr(ray, "init", init_failing)
+    with pytest.raises(ValueError, match="bad argument"):
+        run_step(SquareStep, {"offset": 0}, [{"x": 3}], EngineOptions("ray", workers=1), str(tmp_path))
+    assert len(calls) == 1

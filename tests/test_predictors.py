@@ -107,6 +107,7 @@ def test_compiled_model_is_kept_on_disk_and_reused_with_the_same_outputs(tmp_pat
 
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # JAX skips compiles under 1 s: fast machines too
 
     def run(out) -> tuple[np.ndarray, int]:
         done = subprocess.run([sys.executable, "-c", _CACHED_RUN, str(out)], env=env, capture_output=True,
