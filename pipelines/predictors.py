@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -29,6 +30,7 @@ def compile_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pulsepipe" / "xla"
 
 
+@functools.cache  # once per process
 def use_compile_cache() -> None:
     """Turn on JAX's persistent compilation cache, unless JAX_COMPILATION_CACHE_DIR already chose a place.
 
@@ -39,8 +41,16 @@ def use_compile_cache() -> None:
     """
     import jax
 
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir()))
+    if jax.config.jax_compilation_cache_dir is not None:
+        return
+    path = compile_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # JAX would warn at every compile instead
+        print(f"pulsepipe: compiled models are not kept across runs: cannot create {path} ({e.strerror}); "
+              "set XDG_CACHE_HOME or JAX_COMPILATION_CACHE_DIR to a writable folder", file=sys.stderr)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
 
 
 def lockstep(streams: list[Iterable[tuple[np.ndarray, np.ndarray]]], size: int = BLOCK

@@ -122,3 +122,20 @@ def test_compiled_model_is_kept_on_disk_and_reused_with_the_same_outputs(tmp_pat
     second, second_hits = run(tmp_path / "second.npy")
     assert second_hits >= 1, "a second process loads it instead of compiling"
     np.testing.assert_array_equal(first, second)
+
+
+def test_an_unusable_cache_folder_is_said_once_and_the_models_still_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "a-file").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "a-file" / "cache")  # cannot be created
+    done = subprocess.run([sys.executable, "-c", _CACHED_RUN, str(tmp_path / "out.npy")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "compiled models are not kept" in line]
+    assert len(said) == 1 and "XDG_CACHE_HOME" in said[0], done.stderr
+    assert "persistent compilation cache" not in done.stderr, done.stderr
+    assert np.isfinite(np.load(tmp_path / "out.npy")).all()
