@@ -183,7 +183,7 @@ def child_engine(spec: dict) -> dict:
         mock.patch.object(evaluate, "_merge_parts", clock.function("merge", evaluate._merge_parts)),
         mock.patch.object(metrics, "metrics_table", clock.function("metrics", metrics.metrics_table)),
         mock.patch.object(report, "write_report", clock.function("report", report.write_report)),
-        mock.patch.object(evaluate, "_worst_waveforms", clock.function("report", evaluate._worst_waveforms)),
+        mock.patch.object(evaluate, "_waveforms", clock.function("report", evaluate._waveforms)),
     ]
     for p in patches:
         p.start()

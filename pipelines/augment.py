@@ -20,6 +20,7 @@ import fsspec
 import numpy as np
 
 from pipelines.engines import add_engine_arguments, engine_options, run_step
+from pipelines.errors import JobError
 from transforms.augment import BIN_BPM, FACTOR_RANGE, TimeScaler, choose_factors, hr_bins, hr_histogram
 from transforms.manifest import (by_recording, config_hash, fill_row, read_manifest, remove_stale_shards,
                                  up_to_date, write_manifest)
@@ -175,14 +176,14 @@ def run_augment(input_uri: str, output_uri: str, opts, hr_range=(30.0, 180.0), e
     in_fs, in_root = fsspec.core.url_to_fs(input_uri)
     out_fs, out_root = fsspec.core.url_to_fs(output_uri)
     if posixpath.normpath(in_root) == posixpath.normpath(out_root) and in_fs.protocol == out_fs.protocol:
-        raise SystemExit("pulsepipe augment: error: --output must differ from --input (its manifest would be replaced)")
+        raise JobError("--output must differ from --input (its manifest would be replaced)")
     source_rows = read_manifest(f"{in_root.rstrip('/')}/manifest.parquet", in_fs)
     if not source_rows:
-        raise SystemExit(f"pulsepipe augment: error: no manifest.parquet in {input_uri}; run `pulsepipe preprocess` first")
+        raise JobError(f"no manifest.parquet in {input_uri}; run `pulsepipe preprocess` first")
     ok = [r for r in source_rows if r["status"] == "ok"]
     sources = {r["recording_id"]: r for r in ok}
     if len(sources) != len(ok):
-        raise SystemExit("pulsepipe augment: error: recording ids repeat across datasets in the input manifest")
+        raise JobError("recording ids repeat across datasets in the input manifest")
     with ThreadPoolExecutor(READ_THREADS) as pool:
         measured = list(pool.map(lambda r: source_heart_rate(r, in_fs, in_root), ok))
     # rounded: last-digit differences between machines must not change the picks

@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args._module, "PASSES_PIPELINE_ARGS", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.pipeline_args = extra  # Beam pipeline options (--runner=DataflowRunner ...), passed through
-    from pipelines.engines import EngineError
+    from pipelines.errors import JobError
 
     try:
         return int(args._module.main(args) or 0)
-    except EngineError as e:
+    except JobError as e:
         print(f"pulsepipe {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -28,10 +28,13 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from pipelines.errors import JobError
+
 ENGINES = ("beam", "ray")
+RAY_TASK_RETRIES = 2  # fresh workers for an item whose step killed its worker, before the run fails
 
 
-class EngineError(RuntimeError):
+class EngineError(JobError):
     """The engine cannot run the job as asked (e.g. GPUs asked for and absent); str says why."""
 
 
@@ -59,21 +62,39 @@ def add_engine_arguments(p: argparse.ArgumentParser, gpus: bool = False) -> None
     """The engine options; gpus: the job runs a model, so its workers may ask for GPUs."""
     g = p.add_argument_group("engine")
     g.add_argument("--engine", choices=ENGINES, default="beam", help="Apache Beam or Ray Data (default: beam)")
-    g.add_argument("--workers", type=int, default=0, help="local worker processes (default: one per core)")
+    g.add_argument("--workers", type=_count, default=0, metavar="N",
+                   help="worker processes (default: locally one per core; on a Ray cluster as many as it has room for)")
     g.add_argument("--ray-address", help="address of a running Ray cluster (default: start Ray in-process)")
     if gpus:
-        g.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="N",
+        g.add_argument("--gpus-per-worker", type=_share, default=0.0, metavar="N",
                        help="GPUs per model worker. Ray: num_gpus of each actor, locally one actor per share "
                             "of this machine's GPUs; local Beam: one worker on a GPU; Beam on a cluster: give the "
                             "runner's accelerator options. Needs JAX with CUDA (pip install -e '.[gpu]'). "
                             "Default 0: CPU")
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return int(text)
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs, 0 or more (0.5: two workers share one), "
+                                         f"got {text!r}")
+    return value
+
+
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     extra = tuple(getattr(args, "pipeline_args", ()) or ())
     if extra and args.engine != "beam":
-        raise SystemExit(f"pulsepipe: error: unrecognized arguments: {' '.join(extra)} "
-                         "(only --engine beam passes pipeline options through)")
+        raise JobError(f"unrecognized arguments: {' '.join(extra)} "
+                       "(only --engine beam passes pipeline options through)")
     return EngineOptions(args.engine, args.workers, args.ray_address, extra, getattr(args, "gpus_per_worker", 0.0))
 
 
@@ -304,9 +325,14 @@ def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int
         _check_gpus(ray, opts.num_gpus)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        workers = min(opts.local_workers if not opts.ray_address else len(items), len(items))
+        if opts.ray_address and not opts.workers:  # a cluster: grow the pool as its resources allow
+            pool = ray.data.ActorPoolStrategy(min_size=1, max_size=len(items))
+        else:
+            pool = ray.data.ActorPoolStrategy(size=min(opts.local_workers, len(items)))
         ds = ray.data.from_items([{"envelope": e} for e in _envelopes(items)], override_num_blocks=len(items))
-        actors = dict(fn_constructor_args=(step_cls, step_kwargs), compute=ray.data.ActorPoolStrategy(size=workers),
+        # an item whose step kills its worker (out of memory, a crash in native code) is tried on a fresh
+        # worker RAY_TASK_RETRIES more times, then the run ends with the error: Ray Data retries forever
+        actors = dict(fn_constructor_args=(step_cls, step_kwargs), compute=pool, max_task_retries=RAY_TASK_RETRIES,
                       num_cpus=1, num_gpus=opts.num_gpus or None)
         if model_batch:
             out = ds.map_batches(_RayModelStep, batch_size=model_batch, batch_format="numpy", **actors)

@@ -1,14 +1,17 @@
 """Evaluate models on preprocessed recordings: whole-recording BVP, heart rates, metrics and a report.
 
-Written once as a step over one recording (EvaluateStep), run on Beam or Ray (pipelines.engines). Each
-recording streams through every model in one pass over its shard, with the model state carried across
-segments and chunks, so a recording of any length is one inference in bounded memory. Heart rates come
-from predicted and ground-truth BVP by the same recipe (transforms.signal.heart_rate), for the whole
-recording and for sliding windows.
+Written once as a step over a bucket of recordings (EvaluateStep), run on Beam or Ray (pipelines.engines).
+Each recording streams through every model in one pass over its shard, with the model state carried
+across segments and chunks, so a recording of any length is one inference in bounded memory. Heart rates
+come from predicted and ground-truth BVP by the same recipe (transforms.signal.heart_rate), for the whole
+recording and for sliding windows; frames without a face or ground truth are silenced, not joined.
 
 Outputs under --output: predictions.parquet (per recording and model: BVP, HRs per window and whole,
-SQI, SNR; failed recordings with their reason), metrics.parquet (per recording, subject, cohort and
-metadata group, with bootstrap CIs over subjects) and report.html with its PNGs.
+SQI, SNR; failed rows with their reason), metrics.parquet (per recording, subject, cohort, metadata group
+and window length, with bootstrap CIs over subjects; the run's settings in its key-value metadata) and
+report.html with its PNGs. A recording that cannot be scored fails alone, and a model whose output cannot
+be scored fails only its own row; bad requests (an unknown model, unreadable weights, no manifest) end
+before any engine starts.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import json
 import sys
 import time
 import uuid
+from collections import Counter
 
 import fsspec
 import numpy as np
@@ -24,14 +28,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.engines import add_engine_arguments, engine_options, run_step
-from pipelines.predictors import FPS, PRECISIONS, ModelSet
+from pipelines.errors import JobError
+from pipelines.predictors import FPS, PRECISIONS, ModelSet, check_models
 from transforms import signal
 from transforms.manifest import read_manifest
+from transforms.metrics import METRIC_COLUMNS
 from transforms.shards import atomic_file, read_segments
 
 DEFAULT_MODELS = ("me-chunk:rlap", "me-chunk:pure", "me-flow:rlap", "green", "chrom", "pos")
 PASSES_PIPELINE_ARGS = True
-WORST_SHOWN = 4  # recordings whose waveforms the report shows
 RECORDINGS_PER_CALL = 4  # default bucket size on CPU; a GPU wants many more (--recordings-per-call)
 BUCKET_MIN_FILL = 0.75  # a bucket's shortest recording is at least this fraction of its longest
 
@@ -45,6 +50,11 @@ PREDICTION_SCHEMA = pa.schema([
     ("bvp_pred", pa.list_(pa.float32())), ("bvp_true", pa.list_(pa.float32())),
     ("metadata_json", pa.string()),
 ])
+
+
+_TEXT_METRIC_COLUMNS = ("level", "model", "dataset", "group_key", "group_value", "subject_id", "recording_id")
+METRICS_SCHEMA = pa.schema([(c, pa.string() if c in _TEXT_METRIC_COLUMNS else pa.int64() if c.startswith("n_")
+                             else pa.float64()) for c in METRIC_COLUMNS])
 
 
 class EvaluationFailed(Exception):
@@ -123,6 +133,10 @@ class _Recording:
             self.usable = self.face & np.isfinite(self.bvp_true)
             if self.usable.sum() < 2 * FPS:
                 self.error = f"{self.uri}: only {self.usable.sum() / FPS:.1f} s with a face and ground truth"
+                return
+            self.hr_true, _ = signal.heart_rate(self.bvp_true, FPS, usable=self.usable)
+            if np.isnan(self.hr_true):
+                self.error = f"{self.uri}: the ground-truth BVP is flat (nothing in 0.5-3 Hz): nothing to score against"
 
 
 class EvaluateStep:
@@ -130,10 +144,10 @@ class EvaluateStep:
     160-frame block serves the whole bucket); writes the bucket's prediction rows as a part file."""
 
     def __init__(self, input_uri: str, parts_uri: str, models: list[str], windows: list[float],
-                 precision: str = "float32"):
+                 precision: str = "float32", gpus: bool = False):
         self.in_fs, self.in_root = fsspec.core.url_to_fs(input_uri)
         self.out_fs, self.parts = fsspec.core.url_to_fs(parts_uri)
-        self.models = ModelSet(models, precision=precision)
+        self.models = ModelSet(models, precision=precision, cpu_only=not gpus)
         self.windows = windows
 
     def __call__(self, bucket: dict) -> dict:
@@ -148,12 +162,15 @@ class EvaluateStep:
         with atomic_file(f"{self.parts}/{bucket['index']:08d}.parquet", self.out_fs) as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA), f)
         seconds = time.perf_counter() - started
-        for r in rows[::len(self.models.names)]:
-            print(f"  {r['dataset']}/{r['recording_id']}: {r['status']}"
-                  + (f" ({r['reason']})" if r["status"] == "failed" else "")
-                  + f" (bucket of {len(recordings)}, {seconds:.1f} s)", file=sys.stderr)
+        n = len(self.models.names)
+        for k in range(0, len(rows), n):  # one line per recording: its rows are the models in order
+            failed = [r for r in rows[k:k + n] if r["status"] == "failed"]
+            state = ("ok" if not failed else f"failed ({failed[0]['reason']})" if len(failed) == n
+                     else "ok but " + "; ".join(f"{r['model']} failed ({r['reason']})" for r in failed))
+            print(f"  {rows[k]['dataset']}/{rows[k]['recording_id']}: {state} (bucket of {len(recordings)}, "
+                  f"{seconds:.1f} s)", file=sys.stderr)
         # what the driver needs for metrics: everything but the waveforms
-        return {"rows": [{k: v for k, v in r.items() if k not in ("bvp_pred", "bvp_true", "windows")} for r in rows]}
+        return {"rows": [{k: v for k, v in r.items() if k not in ("bvp_pred", "bvp_true")} for r in rows]}
 
     def _failed(self, item: dict, reason: str) -> list[dict]:
         return [{**_base(item), "model": m, "status": "failed", "reason": reason} for m in self.models.names]
@@ -168,27 +185,39 @@ class EvaluateStep:
                 for k, r in enumerate(recordings)]
 
     def _score(self, r: _Recording, bvps: dict[str, np.ndarray]) -> list[dict]:
-        usable, bvp_true = r.usable, r.bvp_true
-        hr_true, _ = signal.heart_rate(bvp_true[usable], FPS)
+        """One row per model; a model whose output cannot be scored fails its own row, named."""
+        true = signal.postprocess_bvp(r.bvp_true, FPS, usable=r.usable)
         rows = []
         for name, bvp in bvps.items():
-            hr, sqi = signal.heart_rate(bvp[usable], FPS)
-            rows.append({**_base(r.item), "model": name, "status": "ok", "reason": None, "n_frames": len(r.face),
-                         "face_fraction": float(r.face.mean()), "hr_pred": hr, "hr_true": hr_true, "sqi": sqi,
-                         "snr_db": signal.snr_db(bvp[usable], FPS, hr_true),
-                         "windows": self._windows(bvp[usable], bvp_true[usable]),
-                         "bvp_pred": bvp.astype(np.float32), "bvp_true": bvp_true.astype(np.float32)})
+            try:
+                rows.append(self._score_model(r, name, bvp, true))
+            except Exception as e:  # noqa: BLE001 - one model's bad output must not fail the others
+                why = str(e) if isinstance(e, EvaluationFailed) else f"{type(e).__name__}: {e}"
+                rows.append({**_base(r.item), "model": name, "status": "failed",
+                             "reason": f"{r.uri}: {name}: cannot score its output: {why}"})
         return rows
 
-    def _windows(self, bvp: np.ndarray, bvp_true: np.ndarray) -> list[dict]:
+    def _score_model(self, r: _Recording, name: str, bvp: np.ndarray, true: np.ndarray) -> dict:
+        hr, sqi = signal.heart_rate(bvp, FPS, usable=r.usable)
+        if np.isnan(hr):
+            raise EvaluationFailed("the predicted BVP is flat (nothing in 0.5-3 Hz)")
+        pred = signal.postprocess_bvp(bvp, FPS, usable=r.usable)
+        return {**_base(r.item), "model": name, "status": "ok", "reason": None, "n_frames": len(r.face),
+                "face_fraction": float(r.face.mean()), "hr_pred": hr, "hr_true": r.hr_true, "sqi": sqi,
+                "snr_db": signal.snr_db(pred, FPS, r.hr_true), "windows": self._windows(pred, true, r.usable),
+                "bvp_pred": bvp.astype(np.float32), "bvp_true": r.bvp_true.astype(np.float32)}
+
+    def _windows(self, pred: np.ndarray, true: np.ndarray, usable: np.ndarray) -> list[dict]:
+        """Sliding-window HRs of the band-passed waveforms on the recording's own time axis; windows
+        mostly in gaps are left out (see `signal.hr_windows`)."""
         out = []
         for length in self.windows:
-            if len(bvp) < length * FPS:
+            if len(pred) < length * FPS:
                 continue
-            pred = signal.hr_windows(signal.postprocess_bvp(bvp, FPS), FPS, length, length / 2)
-            true = signal.hr_windows(signal.postprocess_bvp(bvp_true, FPS), FPS, length, length / 2)
+            centres, hr_pred = signal.hr_windows(pred, FPS, length, length / 2, usable=usable)
+            _, hr_true = signal.hr_windows(true, FPS, length, length / 2, usable=usable)
             out += [{"length_s": length, "start_s": c - length / 2, "hr_pred": hp, "hr_true": ht}
-                    for c, hp, ht in zip(pred[0], pred[1], true[1])]
+                    for c, hp, ht in zip(centres, hr_pred, hr_true) if not np.isnan(ht)]
         return out
 
 
@@ -237,25 +266,33 @@ def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_b
                  seed: int = 0, recordings_per_call: int = RECORDINGS_PER_CALL, precision: str = "float32",
                  log=print) -> dict:
     """The whole job; returns {'predictions': rows without waveforms, 'metrics': metric rows}."""
-    from pipelines.report import format_cohort_table, format_subject_table, write_report
+    from pipelines.cli import package_version
+    from pipelines.report import failures, format_cohort_table, format_subject_table, worst_recordings, write_report
     from transforms.metrics import metrics_table
 
     started = time.perf_counter()
+    models = tuple(models)
+    try:
+        check_models(models)  # here, not in every worker's traceback
+    except ValueError as e:
+        raise JobError(str(e)) from None
     in_fs, in_root = fsspec.core.url_to_fs(input_uri)
     out_fs, out_root = fsspec.core.url_to_fs(output_uri)
     manifest = read_manifest(f"{in_root.rstrip('/')}/manifest.parquet", in_fs)
     if not manifest:
-        raise SystemExit(f"pulsepipe evaluate: error: {input_uri}: no manifest.parquet; run `pulsepipe preprocess` first")
+        raise JobError(f"{input_uri}: no manifest.parquet; run `pulsepipe preprocess` first")
     items = work_items(manifest)
     work = buckets(items, recordings_per_call)
+    device = f"{opts.num_gpus:g} GPU per worker" if opts.num_gpus else "CPU"
     log(f"{len(items)} recordings from {input_uri} in {len(work)} buckets of up to {recordings_per_call}, "
-        f"models {', '.join(models)}, on {opts.engine}")
+        f"models {', '.join(models)}, on {opts.engine} ({device})")
     out_fs.makedirs(out_root, exist_ok=True)
     parts_name = f".prediction-parts-{uuid.uuid4().hex}"  # workers write here; merged below
     parts = f"{out_root.rstrip('/')}/{parts_name}"
     out_fs.makedirs(parts, exist_ok=True)
     step_kwargs = {"input_uri": input_uri, "parts_uri": f"{output_uri.rstrip('/')}/{parts_name}",
-                   "models": list(models), "windows": list(windows), "precision": precision}
+                   "models": list(models), "windows": list(windows), "precision": precision,
+                   "gpus": bool(opts.num_gpus)}
     try:
         # a model step (Beam's RunInference, Ray's map_batches on an actor pool), one bucket per call
         results = run_step(EvaluateStep, step_kwargs, work, opts, output_uri, model_batch=1)
@@ -263,24 +300,40 @@ def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_b
     finally:
         out_fs.rm(parts, recursive=True)
     rows = [r for res in results for r in res["rows"]]
-    rows.sort(key=lambda r: (r["dataset"], r["recording_id"], list(models).index(r["model"])))
+    rows.sort(key=lambda r: (r["dataset"], r["recording_id"], models.index(r["model"])))
     ok = [r for r in rows if r["status"] == "ok"]
     scored = [{**json.loads(r["metadata_json"] or "{}"), **r} for r in ok]
     keys = default_group_keys(ok) if group_by is None else group_by
-    metric_rows = metrics_table(scored, keys, n_boot=n_boot, seed=seed) if scored else []
+    window_pairs = [{**r, **w} for r in ok for w in r["windows"]]  # a window's length_s, hr_pred, hr_true
+    metric_rows = metrics_table(scored, keys, windows=window_pairs, n_boot=n_boot, seed=seed)
+    about = {"pulsepipe": package_version(), "input": input_uri, "models": " ".join(models),
+             "precision": precision, "windows (s)": " ".join(f"{w:g}" for w in windows),
+             "bootstrap resamples": str(n_boot), "bootstrap seed": str(seed), "engine": f"{opts.engine}, {device}",
+             "recordings scored by every model": f"{_n_scored(ok, models)} of {len(items)}",
+             "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     with atomic_file(f"{out_root}/metrics.parquet", out_fs) as f:
-        pq.write_table(pa.Table.from_pylist(metric_rows), f)
-    report = write_report(output_uri, rows, metric_rows, _worst_waveforms(out_fs, out_root, ok))
+        table = pa.Table.from_pylist(metric_rows, schema=METRICS_SCHEMA)
+        pq.write_table(table.replace_schema_metadata({f"pulsepipe:{k}": v for k, v in about.items()}), f)
+    waveforms = _waveforms(out_fs, out_root, worst_recordings(ok))
+    report = write_report(output_uri, rows, metric_rows, waveforms, about)
     log("")
     log(format_subject_table(metric_rows))
     log("")
     log(format_cohort_table(metric_rows))
-    for r in rows:
-        if r["status"] == "failed" and r["model"] == models[0]:
-            log(f"failed: {r['recording_id']}: {r['reason']}")
-    log(f"\n{len(ok) // max(len(models), 1)} of {len(items)} recordings scored in "
+    if any(r["level"] == "window" for r in metric_rows):
+        log("")
+        log(format_cohort_table(metric_rows, level="window"))
+    for dataset, recording_id, failed_models, reason in failures(rows, models):
+        named = "" if failed_models == "all" else f" ({failed_models})"
+        log(f"failed: {dataset}/{recording_id}{named}: {reason}")
+    log(f"\n{about['recordings scored by every model']} recordings scored by every model in "
         f"{time.perf_counter() - started:.0f} s; report: {report}")
     return {"predictions": rows, "metrics": metric_rows}
+
+
+def _n_scored(ok: list[dict], models) -> int:
+    per_recording = Counter((r["dataset"], r["recording_id"]) for r in ok)
+    return sum(n == len(models) for n in per_recording.values())
 
 
 def _merge_parts(fs, parts: str, target: str) -> None:
@@ -292,10 +345,10 @@ def _merge_parts(fs, parts: str, target: str) -> None:
                     writer.write_table(pq.read_table(part, schema=PREDICTION_SCHEMA))
 
 
-def _worst_waveforms(fs, root: str, ok: list[dict]) -> dict:
-    """(model, recording_id) -> (t, bvp_pred, bvp_true) for the recordings with the largest HR errors."""
-    worst = sorted(ok, key=lambda r: -abs(r["hr_pred"] - r["hr_true"]))[:WORST_SHOWN]
-    wanted = {(r["model"], r["recording_id"]) for r in worst}
+def _waveforms(fs, root: str, wanted: list[tuple[str, str]]) -> dict:
+    """(model, recording_id) -> (t, bvp_pred, bvp_true) of the wanted pairs, read from predictions.parquet."""
+    if not wanted:
+        return {}
     out = {}
     with fs.open(f"{root}/predictions.parquet", "rb") as f:
         table = pq.read_table(f, columns=["model", "recording_id", "bvp_pred", "bvp_true"],

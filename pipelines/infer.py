@@ -91,7 +91,9 @@ def infer_models(
     results = {}
     for name, predictor in predictors.items():
         (bvp,) = predictor.finish()
-        hr, sqi = signal.heart_rate(bvp[face_found], FPS)
+        hr, sqi = signal.heart_rate(bvp, FPS, usable=face_found)
+        if np.isnan(hr):
+            raise InferError(f"{path}: {name} finds no pulse: its BVP is flat (nothing in 0.5-3 Hz)")
         results[name] = InferResult(path, name, hr, sqi, t, bvp, float(face_found.mean()))
     return results
 

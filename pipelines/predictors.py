@@ -93,34 +93,61 @@ def lockstep(streams: list[Iterable[tuple[np.ndarray, np.ndarray]]], size: int =
         yield crops, found, n_valid
 
 
-class ModelSet:
-    """Models loaded once for a whole run; `predictors(batch)` gives fresh state for B recordings.
+def parse_models(names, weights: str = "rlap") -> dict[str, tuple[str, str | None]]:
+    """{name: (kind, ME weights or None)}; ValueError for no names or an unknown one.
 
     names: model names, ME-rPPG ones optionally with their weights as `me-chunk:pure` (rlap, pure or a
-    path; default `weights`). Each distinct set of ME weights is read once, however many modes use it.
-    precision: of ME-rPPG's convolutions, "float32" (the published model) or "bfloat16" (for GPUs).
+    path; default `weights`).
     """
-
-    def __init__(self, names, weights: str = "rlap", precision: str = "float32"):
-        self.names = tuple(names)
-        if not self.names:
-            raise ValueError(f"no model given; choose from {', '.join(MODEL_NAMES)}")
-        self._specs = {name: self._parse(name, weights) for name in self.names}
-        self._me = {}
-        for kind, w in self._specs.values():
-            if kind in ME_NAMES and w not in self._me:
-                import model
-
-                use_compile_cache()
-                self._me[w] = model.load("me-rppg", weights=w, precision=precision)
-
-    @staticmethod
-    def _parse(name: str, weights: str) -> tuple[str, str | None]:
+    if not names:
+        raise ValueError(f"no model given; choose from {', '.join(MODEL_NAMES)}")
+    specs = {}
+    for name in names:
         kind, _, w = name.partition(":")
         if kind not in MODEL_NAMES or (w and kind not in ME_NAMES):
             raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)} "
                              "(ME-rPPG as me-chunk:WEIGHTS with rlap, pure or a path)")
-        return kind, (w or weights) if kind in ME_NAMES else None
+        specs[name] = kind, (w or weights) if kind in ME_NAMES else None
+    return specs
+
+
+def check_models(names, weights: str = "rlap") -> None:
+    """Raise ValueError, naming the model or the weights file, for what `ModelSet(names)` would fail on:
+    a driver checks here before it starts workers. Reads each ME weights file (no JAX, no compile)."""
+    from model.weights import load_params
+
+    for w in sorted({w for _, w in parse_models(names, weights).values() if w is not None}):
+        try:
+            load_params(w)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - h5py raises OSError, a wrong layout KeyError
+            raise ValueError(f"{w}: cannot read ME-rPPG weights from it ({type(e).__name__}: {e})") from None
+
+
+class ModelSet:
+    """Models loaded once for a whole run; `predictors(batch)` gives fresh state for B recordings.
+
+    names: see `parse_models`. Each distinct set of ME weights is read once, however many modes use it.
+    precision: of ME-rPPG's convolutions, "float32" (the published model) or "bfloat16" (for GPUs).
+    cpu_only: keep this process's JAX off any GPU: a CPU worker on a machine with CUDA JAX would
+    otherwise take the GPU and most of its memory (JAX reserves 75% per process).
+    """
+
+    def __init__(self, names, weights: str = "rlap", precision: str = "float32", cpu_only: bool = False):
+        self.names = tuple(names)
+        self._specs = parse_models(self.names, weights)
+        self._me = {}
+        for kind, w in self._specs.values():
+            if kind in ME_NAMES and w not in self._me:
+                import jax
+
+                import model
+
+                if cpu_only:
+                    jax.config.update("jax_platforms", "cpu")  # before JAX's first use in the process
+                use_compile_cache()
+                self._me[w] = model.load("me-rppg", weights=w, precision=precision)
 
     def predictors(self, batch: int = 1) -> dict:
         """{name: predictor} with fresh state, for `batch` recordings run in lockstep."""

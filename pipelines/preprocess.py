@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from pipelines.engines import add_engine_arguments, engine_options, run_step
+from pipelines.errors import JobError
 from transforms.datasets import LAYOUTS, Recording, TruthError, adapter
 from transforms.face import FaceDetector
 from transforms.face_crops import FPS, face_crops
@@ -49,12 +50,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_config(path: str | None) -> dict:
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     if path:
-        with fsspec.open(path, "r") as f:
-            override = yaml.safe_load(f) or {}
+        try:
+            with fsspec.open(path, "r") as f:
+                override = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise JobError(f"{path}: cannot read the config: {' '.join(str(e).split())}") from None  # YAML's: 4 lines
+        if not isinstance(override, dict):
+            raise JobError(f"{path}: expected settings as YAML keys and values, got {type(override).__name__}")
         unknown = sorted(set(override) - set(config))
         if unknown:
-            raise SystemExit(f"pulsepipe preprocess: error: {path}: unknown settings {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(config))}")
+            raise JobError(f"{path}: unknown settings {', '.join(unknown)}; known: {', '.join(sorted(config))}")
         config.update(override)
     return config
 

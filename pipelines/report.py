@@ -8,11 +8,12 @@ Plots use matplotlib's object API (`Figure`, no pyplot), so no global backend or
 from __future__ import annotations
 
 import html
+import io
 import math
 import re
 from collections import defaultdict
-from pathlib import Path
 
+import fsspec
 import numpy as np
 
 from transforms import metrics, signal
@@ -77,13 +78,26 @@ def _levels(metric_rows, level: str) -> list[dict]:
 
 # --- terminal tables -------------------------------------------------------------------------------
 
-def format_cohort_table(metric_rows) -> str:
-    """Fixed-width table, one line per model and dataset: counts and each metric with its 95% CI."""
-    header = ["model", "dataset", "subjects", "recordings"] + [c[0] for c in _CI_COLUMNS] + ["BA bias (LoA)"]
-    lines = [[str(r["model"]), str(r["dataset"]), str(r["n_subjects"]), str(r["n_recordings"])]
-             + [_with_ci(r, *c[1:]) for c in _CI_COLUMNS] + [_limits(r)]
-             for r in _levels(metric_rows, "cohort")]
-    return _fixed_width(header, lines)
+def _metric_lines(rows: list[dict], first: list[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
+    """Header and lines of cohort-style rows: the `first` (header, column) pairs, the counts, each metric
+    with its CI and the Bland-Altman limits."""
+    windows = any(r.get("n_windows") is not None for r in rows)
+    header = [h for h, _ in first] + ["subjects", "recordings"] + ["windows"] * windows \
+        + [c[0] for c in _CI_COLUMNS] + ["BA bias (LoA), BPM"]
+    lines = [[f"{r[col]:g}" if isinstance(r[col], float) else str(r[col]) for _, col in first]
+             + [str(r["n_subjects"]), str(r["n_recordings"])] + [str(r["n_windows"])] * windows
+             + [_with_ci(r, *c[1:]) for c in _CI_COLUMNS] + [_limits(r)] for r in rows]
+    return header, lines
+
+
+_COHORT_FIRST = {"cohort": [("model", "model"), ("dataset", "dataset")],
+                 "window": [("model", "model"), ("dataset", "dataset"), ("window (s)", "window_s")]}
+
+
+def format_cohort_table(metric_rows, level: str = "cohort") -> str:
+    """Fixed-width table, one line per model and dataset (and window length, for level "window"): counts
+    and each metric with its 95% CI."""
+    return _fixed_width(*_metric_lines(_levels(metric_rows, level), _COHORT_FIRST[level]))
 
 
 def format_subject_table(metric_rows) -> str:
@@ -111,16 +125,16 @@ def _new_figure(width: float = 7.0, height: float = 4.5):
     return fig, fig.add_subplot()
 
 
-def plot_bland_altman(path: Path, model: str, prediction_rows) -> bool:
+def plot_bland_altman(model: str, prediction_rows):
     """Difference (pred - true) against mean of pred and true, per recording, coloured by dataset,
-    with the bias and 95% limits of agreement. False (no file) with fewer than 2 pairs."""
+    with the bias and 95% limits of agreement: a Figure, or None with fewer than 2 pairs."""
     by_dataset = defaultdict(list)
     for r in prediction_rows:
         if r["model"] == model and (pair := _pair(r)) is not None:
             by_dataset[r["dataset"]].append(pair)
     pairs = np.array([p for v in by_dataset.values() for p in v]).reshape(-1, 2)
     if len(pairs) < 2:
-        return False
+        return None
     ba = metrics.bland_altman(pairs[:, 0], pairs[:, 1])
     fig, ax = _new_figure()
     for dataset, values in sorted(by_dataset.items()):
@@ -134,12 +148,14 @@ def plot_bland_altman(path: Path, model: str, prediction_rows) -> bool:
            xlabel="mean of predicted and true HR (BPM)", ylabel="predicted - true HR (BPM)")
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
-    return True
+    return fig
 
 
-def plot_error_by_hr_bin(path: Path, model: str, bins: list[dict]) -> None:
-    """Bars of mean absolute error per true-HR bin, with the number of recordings above each bar."""
+def plot_error_by_hr_bin(model: str, bins: list[dict]):
+    """Bars of mean absolute error per true-HR bin, with the number of recordings above each bar: a
+    Figure, or None when no bin holds a recording."""
+    if not any(b["n"] for b in bins):
+        return None
     fig, ax = _new_figure()
     lows = np.array([b["bin_low"] for b in bins])
     widths = np.array([b["bin_high"] - b["bin_low"] for b in bins])
@@ -153,22 +169,26 @@ def plot_error_by_hr_bin(path: Path, model: str, bins: list[dict]) -> None:
            ylabel="mean absolute error (BPM)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 def _for_display(t: np.ndarray, bvp) -> np.ndarray:
-    """Band-passed and standardised as before HR estimation; only standardised if too short to filter."""
+    """Band-passed and standardised as before HR estimation, gaps (NaN) silenced; only standardised if
+    too short to filter."""
     bvp = np.asarray(bvp, dtype=np.float64)
+    finite = np.isfinite(bvp)
     fs = 1.0 / float(np.median(np.diff(t)))
     try:
-        return signal.postprocess_bvp(bvp, fs)
+        return signal.postprocess_bvp(np.where(finite, bvp, 0.0), fs, usable=finite)
     except ValueError:
-        return (bvp - bvp.mean()) / (bvp.std() or 1.0)
+        out = np.zeros_like(bvp)
+        out[finite] = (bvp[finite] - bvp[finite].mean()) / (bvp[finite].std() or 1.0) if finite.any() else 0.0
+        return out
 
 
-def plot_waveform(path: Path, model: str, recording_id: str, t, bvp_pred, bvp_true,
-                  hr_pred: float | None, hr_true: float | None) -> None:
-    """Predicted and ground-truth BVP on one time axis, HRs and error in the title."""
+def plot_waveform(model: str, recording_id: str, t, bvp_pred, bvp_true,
+                  hr_pred: float | None, hr_true: float | None):
+    """Predicted and ground-truth BVP on one time axis, HRs and error in the title: a Figure."""
     t = np.asarray(t, dtype=np.float64)
     fig, ax = _new_figure(10.0, 3.5)
     ax.plot(t, _for_display(t, bvp_true), lw=1.0, color="k", label="ground truth (contact PPG)")
@@ -179,7 +199,7 @@ def plot_waveform(path: Path, model: str, recording_id: str, t, bvp_pred, bvp_tr
            xlabel="time (s)", ylabel="BVP (band-passed, z-scored)")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -202,12 +222,7 @@ def _html_table(header: list[str], lines: list[list[str]]) -> str:
 
 
 def _metric_table_html(rows: list[dict], first: list[tuple[str, str]]) -> str:
-    """HTML table of cohort-style rows: the `first` (header, column) pairs, counts, metrics with CIs."""
-    header = [h for h, _ in first] + ["subjects", "recordings"] + [c[0] for c in _CI_COLUMNS] \
-        + ["BA bias (LoA), BPM"]
-    lines = [[str(r[col]) for _, col in first] + [str(r["n_subjects"]), str(r["n_recordings"])]
-             + [_with_ci(r, *c[1:]) for c in _CI_COLUMNS] + [_limits(r)] for r in rows]
-    return _html_table(header, lines)
+    return _html_table(*_metric_lines(rows, first))
 
 
 _CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
@@ -215,72 +230,124 @@ table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px sol
 th{background:#eee}td{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}"""
 
 
-def write_report(out_dir, prediction_rows, metric_rows, waveforms: dict | None = None) -> Path:
-    """Write OUT/report.html and its PNGs under OUT/report/; returns the path of report.html.
+def failures(prediction_rows, models) -> list[tuple[str, str, str, str]]:
+    """(dataset, recording_id, models, reason) per failed recording and reason, sorted; models is "all"
+    when every one of `models` failed so, else the failed ones joined by ", "."""
+    by_reason: dict[tuple, list[str]] = {}
+    for r in prediction_rows:
+        if r.get("status") == "failed":
+            by_reason.setdefault((str(r["dataset"]), str(r["recording_id"]), str(r["reason"])), []).append(r["model"])
+    return [(d, rid, "all" if len(names) == len(models) else ", ".join(names), reason)
+            for (d, rid, reason), names in sorted(by_reason.items())]
 
-    prediction_rows: per-recording rows (model, dataset, subject_id, recording_id, hr_pred, hr_true).
-    metric_rows: `transforms.metrics.metrics_table` output. waveforms: (model, recording_id) ->
-    (t seconds, bvp_pred, bvp_true) for the recordings to show (`worst_recordings`), shown worst first.
+
+def _failures_html(prediction_rows, models: list[str]) -> str:
+    lines = failures(prediction_rows, models)
+    if not lines:
+        return "<p>None: every recording was scored by every model.</p>"
+    return _html_table(["dataset", "recording", "models", "reason"], [list(line) for line in lines])
+
+
+_LEVELS_HTML = """<p>Heart rates (HR, beats per minute, BPM) come from each recording's whole predicted and
+ground-truth BVP by the same recipe (band-pass 0.5-3 Hz, Welch peak); frames without a face or ground truth
+are left silent. Levels: <b>recording</b> (one HR pair per recording and model, in predictions.parquet and
+metrics.parquet); <b>subject</b>, the mean over the subject's recordings; <b>cohort</b>, the recordings of one
+dataset pooled; <b>window</b>, the HR pairs of sliding windows pooled. Intervals in brackets are 95% percentile bootstrap intervals that resample subjects, whose
+recordings share a face, camera and session (none with fewer than 2 subjects). SNR: power within 0.1 Hz of
+the true HR and its first harmonic over the rest of 0.5-3 Hz, in dB (de Haan &amp; Jeanne 2013).
+Bland-Altman: bias = mean(predicted - true), limits of agreement = bias &plusmn; 1.96 sd.</p>"""
+
+
+def write_report(out_uri, prediction_rows, metric_rows, waveforms: dict | None = None,
+                 about: dict | None = None) -> str:
+    """Write OUT/report.html and its PNGs under OUT/report/ (any fsspec URI); returns report.html's URI.
+
+    prediction_rows: per (recording, model) rows (model, dataset, subject_id, recording_id, hr_pred,
+    hr_true; status and reason where some failed). metric_rows: `transforms.metrics.metrics_table`
+    output. waveforms: (model, recording_id) -> (t seconds, bvp_pred, bvp_true) for the recordings to
+    show (`worst_recordings`), shown worst first. about: what produced the run (seed, models, input, ...),
+    shown as given. PNGs of an earlier report in the same folder are removed.
     """
-    out_dir = Path(out_dir)
-    png_dir = out_dir / REPORT_DIR
-    png_dir.mkdir(parents=True, exist_ok=True)
+    fs, root = fsspec.core.url_to_fs(str(out_uri))
+    root = root.rstrip("/")
+    png_dir = f"{root}/{REPORT_DIR}"
+    if fs.exists(png_dir):
+        fs.rm(png_dir, recursive=True)
+    fs.makedirs(png_dir, exist_ok=True)
     prediction_rows, metric_rows = list(prediction_rows), list(metric_rows)
     waveforms = waveforms or {}
-    models = sorted({r["model"] for r in prediction_rows} | {r["model"] for r in metric_rows})
-    n_missing = sum(_pair(r) is None for r in prediction_rows)
+    # in the order the rows name them: evaluate's rows follow the command line's model order
+    models = list(dict.fromkeys([r["model"] for r in prediction_rows] + [r["model"] for r in metric_rows]))
+    n_missing = sum(_pair(r) is None for r in prediction_rows if r.get("status", "ok") == "ok")
+
+    def image(fig, name: str, alt: str) -> str:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        with fs.open(f"{png_dir}/{name}", "wb") as f:
+            f.write(buffer.getvalue())
+        return f"<img src='{REPORT_DIR}/{html.escape(name)}' alt='{html.escape(alt)}'>"
 
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pulsepipe evaluation</title>"
-             f"<style>{_CSS}</style></head><body><h1>pulsepipe evaluation</h1>",
-             f"<p>{len(prediction_rows)} predictions of {len(models)} model(s); {n_missing} without both "
-             f"a predicted and a true HR are left out of every metric. HR in beats per minute (BPM). "
-             f"Intervals are 95% percentile bootstrap intervals resampling subjects. Bland-Altman: "
-             f"bias = mean(predicted - true), limits of agreement = bias &plusmn; 1.96 sd.</p>"]
+             f"<style>{_CSS}</style></head><body><h1>pulsepipe evaluation</h1>", _LEVELS_HTML]
+    if about:
+        parts.append(_html_table(["run", ""], [[str(k), str(v)] for k, v in about.items()]))
+    if n_missing:
+        parts.append(f"<p>{n_missing} scored predictions without both a predicted and a true HR are left out of "
+                     f"every metric.</p>")
 
     parts.append("<h2>Cohort metrics</h2>")
-    parts.append(_metric_table_html(_levels(metric_rows, "cohort"), [("model", "model"), ("dataset", "dataset")]))
+    parts.append(_metric_table_html(_levels(metric_rows, "cohort"), _COHORT_FIRST["cohort"]))
+    window_rows = _levels(metric_rows, "window")
+    if window_rows:
+        parts.append("<h2>Sliding-window heart rate</h2><p>HR on windows of the given length, every half window, "
+                     "by the same recipe; each window's pair counts once, and intervals still resample subjects. "
+                     "Windows mostly without a face or ground truth are left out.</p>")
+        parts.append(_metric_table_html(window_rows, _COHORT_FIRST["window"]))
+
+    parts.append("<h2>Failed</h2>")
+    parts.append(_failures_html(prediction_rows, models))
 
     parts.append("<h2>Bland-Altman</h2>")
     for model in models:
-        name = f"bland_altman_{_slug(model)}.png"
-        if plot_bland_altman(png_dir / name, model, prediction_rows):
-            parts.append(f"<img src='{REPORT_DIR}/{html.escape(name)}' "
-                         f"alt='Bland-Altman plot of {html.escape(model)}'>")
-        else:
-            parts.append(f"<p>{html.escape(model)}: fewer than 2 recordings with both HRs, no plot.</p>")
+        fig = plot_bland_altman(model, prediction_rows)
+        parts.append(image(fig, f"bland_altman_{_slug(model)}.png", f"Bland-Altman plot of {model}") if fig else
+                     f"<p>{html.escape(model)}: fewer than 2 recordings with both HRs, no plot.</p>")
 
     parts.append("<h2>Absolute error by true heart rate</h2>")
     bins_by_model = defaultdict(list)
     for b in metrics.error_by_hr_bin(prediction_rows):
         bins_by_model[b["model"]].append(b)
     for model in models:
-        if model in bins_by_model:
-            name = f"error_by_hr_{_slug(model)}.png"
-            plot_error_by_hr_bin(png_dir / name, model, bins_by_model[model])
-            parts.append(f"<img src='{REPORT_DIR}/{html.escape(name)}' alt='error by HR bin, {html.escape(model)}'>")
+        fig = plot_error_by_hr_bin(model, bins_by_model[model]) if model in bins_by_model else None
+        parts.append(image(fig, f"error_by_hr_{_slug(model)}.png", f"error by HR bin, {model}") if fig else
+                     f"<p>{html.escape(model)}: no recording with both HRs, no plot.</p>")
 
     if waveforms:
-        parts.append("<h2>Worst recordings</h2><p>Waveforms band-passed (0.5-3 Hz) and standardised.</p>")
+        parts.append("<h2>Worst recordings</h2><p>Each model's recordings with the largest HR errors. "
+                     "Waveforms band-passed (0.5-3 Hz) and standardised.</p>")
         hr = {(r["model"], str(r["recording_id"])): r for r in prediction_rows}
         abs_error = {k: abs(p[0] - p[1]) for k, r in hr.items() if (p := _pair(r)) is not None}
-        shown = sorted(waveforms, key=lambda k: (str(k[0]), -abs_error.get((k[0], str(k[1])), 0.0), str(k[1])))
+        order = {m: i for i, m in enumerate(models)}
+        shown = sorted(waveforms, key=lambda k: (order.get(k[0], len(order)), -abs_error.get((k[0], str(k[1])), 0.0),
+                                                 str(k[1])))
         for i, key in enumerate(shown):  # per model, worst first
             model, recording_id = key[0], str(key[1])
             row = hr.get((model, recording_id), {})
-            name = f"waveform_{i:02d}_{_slug(model)}_{_slug(recording_id)}.png"
-            plot_waveform(png_dir / name, model, recording_id, *waveforms[key],
-                          hr_pred=row.get("hr_pred"), hr_true=row.get("hr_true"))
-            parts.append(f"<img src='{REPORT_DIR}/{html.escape(name)}' "
-                         f"alt='waveforms of {html.escape(model)} on {html.escape(recording_id)}'>")
+            fig = plot_waveform(model, recording_id, *waveforms[key], hr_pred=row.get("hr_pred"),
+                                hr_true=row.get("hr_true"))
+            parts.append(image(fig, f"waveform_{i:02d}_{_slug(model)}_{_slug(recording_id)}.png",
+                               f"waveforms of {model} on {recording_id}"))
 
-    parts.append("<h2>Per subject</h2><p>Subject MAE = mean of the subject's recording absolute errors (BPM).</p>")
+    parts.append("<h2>Per subject</h2><p>Subject MAE = mean of the subject's recording absolute errors (BPM); "
+                 "- where a model scored none of the subject's recordings (see Failed).</p>")
     subjects = _levels(metric_rows, "subject")
     mae = {(r["dataset"], r["subject_id"], r["model"]): r for r in subjects}
-    keys = sorted({(r["dataset"], r["subject_id"]) for r in subjects})
+    keys = sorted({(r["dataset"], r["subject_id"]) for r in subjects}
+                  | {(r["dataset"], str(r["subject_id"])) for r in prediction_rows})
     parts.append(_html_table(
         ["dataset", "subject"] + [f"MAE {m}" for m in models] + [f"recordings {m}" for m in models],
         [[str(d), str(s)] + [_num(mae[(d, s, m)]["mae"]) if (d, s, m) in mae else "-" for m in models]
-         + [str(mae[(d, s, m)]["n_recordings"]) if (d, s, m) in mae else "-" for m in models]
+         + [str(mae[(d, s, m)]["n_recordings"]) if (d, s, m) in mae else "0" for m in models]
          for d, s in keys]))
 
     groups = _levels(metric_rows, "group")
@@ -292,6 +359,6 @@ def write_report(out_dir, prediction_rows, metric_rows, waveforms: dict | None =
             parts.append(_metric_table_html(rows, [(key, "group_value"), ("model", "model"), ("datasets", "dataset")]))
 
     parts.append("</body></html>")
-    path = out_dir / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    with fs.open(f"{root}/report.html", "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    return f"{str(out_uri).rstrip('/')}/report.html"

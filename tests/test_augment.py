@@ -12,6 +12,7 @@ import pytest
 
 from pipelines import augment as job
 from pipelines.engines import EngineOptions
+from pipelines.errors import JobError
 from transforms.augment import TimeScaler, choose_factors, hr_histogram, time_scale
 from transforms.manifest import read_manifest, write_manifest
 from transforms.shards import SCHEMA, SegmentBuilder, ShardWriter, read_recording, read_segments
@@ -259,5 +260,5 @@ def test_arguments_and_help_say_output_holds_only_new_recordings():
     args = p.parse_args(["--input", "in", "--output", "out"])
     assert (tuple(args.hr_range), args.extra, args.seed, args.engine) == ((30.0, 180.0), 0.3, 0, "beam")
     assert "only the augmented recordings" in p.format_help()
-    with pytest.raises(SystemExit, match="must differ"):
+    with pytest.raises(JobError, match="must differ"):
         job.run_augment("/tmp/x", "/tmp/x/", EngineOptions())

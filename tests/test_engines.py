@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pipelines.engines import EngineOptions, run_step
+from pipelines.engines import EngineError, EngineOptions, run_step
 
 
 class SquareStep:
@@ -50,9 +50,9 @@ def test_no_items_starts_no_engine(tmp_path):
     assert run_step(SquareStep, {"offset": 0}, [], EngineOptions("ray"), str(tmp_path)) == []
 
 
-def test_gpu_request_on_a_cluster_without_gpus_fails_with_the_reason(tmp_path):
+def test_gpu_request_on_a_machine_without_gpus_fails_with_the_reason(tmp_path):
     opts = EngineOptions("ray", workers=1, num_gpus=1)
-    with pytest.raises(RuntimeError, match="GPU per worker asked for"):
+    with pytest.raises(EngineError, match="GPU per worker asked for"):
         run_step(SquareStep, {"offset": 0}, [{"x": 1}], opts, str(tmp_path))
 
 
@@ -91,3 +91,43 @@ def test_other_ray_start_errors_are_not_retried(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="bad argument"):
         run_step(SquareStep, {"offset": 0}, [{"x": 3}], EngineOptions("ray", workers=1), str(tmp_path))
     assert len(calls) == 1
+
+
+def test_worker_and_gpu_counts_are_checked_as_they_are_parsed(capsys):
+    import argparse
+
+    from pipelines.engines import add_engine_arguments
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser, gpus=True)
+    for bad in (["--workers", "-1"], ["--workers", "two"], ["--gpus-per-worker", "-1"], ["--gpus-per-worker", "nan"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+        assert f"argument {bad[0]}: expected" in capsys.readouterr().err  # what is wrong, not a type's name
+    args = parser.parse_args(["--workers", "3", "--gpus-per-worker", "0.5"])
+    assert (args.workers, args.gpus_per_worker) == (3, 0.5)
+
+
+@pytest.mark.parametrize("engine", ["ray", "beam"])
+def test_a_step_that_kills_its_worker_ends_the_run_with_an_error(tmp_path, engine):
+    # Ray Data would retry such an item on fresh workers forever; our runs try it RAY_TASK_RETRIES more times
+    import subprocess
+    import sys
+
+    code = f"""
+import os
+from pipelines.engines import EngineOptions, run_step
+
+class DiesOnTwo:
+    def __call__(self, item):
+        if item["x"] == 2:
+            os._exit(1)  # as the kernel's OOM killer would end it
+        return {{"y": item["x"]}}
+
+try:
+    run_step(DiesOnTwo, {{}}, [{{"x": i}} for i in range(4)], EngineOptions({engine!r}, workers=1), {str(tmp_path)!r})
+except Exception as e:
+    print("the run ended:", type(e).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert "the run ended:" in done.stdout, done.stderr[-2000:]

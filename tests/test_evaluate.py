@@ -1,16 +1,21 @@
 """`pulsepipe evaluate`: the same metrics from Beam and Ray, failures kept with reasons, accurate on synthetic data."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines import cli
+from pipelines import evaluate as job
 from pipelines.engines import EngineOptions
-from pipelines.evaluate import buckets, run_evaluate, work_items
+from pipelines.evaluate import METRICS_SCHEMA, EvaluateStep, buckets, run_evaluate, work_items
 from pipelines.preprocess import load_config, run_preprocess
 from transforms import synth
+from transforms.manifest import read_manifest
 
 MODELS = ("me-chunk:rlap", "pos")
 
@@ -64,6 +69,81 @@ def test_me_chunk_is_accurate_and_metrics_have_every_level(beam_eval):
     cohort = [m for m in result["metrics"] if m["level"] == "cohort" and m["model"] == "me-chunk:rlap"]
     assert len(cohort) == 1 and cohort[0]["mae_lo"] <= cohort[0]["mae"] <= cohort[0]["mae_hi"]
     assert (out / "report.html").exists()
+
+
+def test_the_report_lists_failures_and_the_run_and_shows_each_models_worst(beam_eval):
+    out, result = beam_eval
+    text = (out / "report.html").read_text()
+    failed = next(r for r in result["predictions"] if r["status"] == "failed")
+    assert failed["recording_id"] in text and "cannot read the shard" in text
+    for word in ("bootstrap seed", "me-chunk:rlap pos", "6", "beam, CPU", "7 of 8"):
+        assert word in text, word
+    assert pq.read_schema(out / "metrics.parquet").metadata[b"pulsepipe:bootstrap seed"] == b"0"
+    shown = {m for m in MODELS if f"waveforms of {m} on" in text}
+    assert shown == set(MODELS)  # the main model's worst too, not only the worst model's
+
+
+def test_a_run_where_every_recording_fails_still_finishes(tmp_path, shards):
+    broken = tmp_path / "pre"
+    broken.mkdir()
+    (broken / "manifest.parquet").write_bytes((shards / "manifest.parquet").read_bytes())  # shards/ is missing
+    result = run_evaluate(str(broken), str(tmp_path / "eval"), ["pos"], [6.0], EngineOptions("beam", workers=1),
+                          n_boot=10, log=lambda *_: None)
+    assert {r["status"] for r in result["predictions"]} == {"failed"} and result["metrics"] == []
+    assert pq.read_schema(tmp_path / "eval" / "metrics.parquet").remove_metadata() == METRICS_SCHEMA
+    text = (tmp_path / "eval" / "report.html").read_text()
+    assert "0 of 8" in text and text.count("cannot read the shard") == 8
+
+
+def _bucket(shards, n=2) -> dict:
+    items = work_items(read_manifest(str(shards / "manifest.parquet"), fsspec.filesystem("file")))
+    return {"index": 0, "recordings": [i for i in items if i["reason"] is None][:n]}
+
+
+def test_flat_ground_truth_fails_its_recording_alone(tmp_path, shards, monkeypatch):
+    bucket = _bucket(shards)
+    flat_shard = bucket["recordings"][0]["shard"]
+    real = job.read_segments
+
+    def flat_truth(uri, fs, columns=None):
+        for seg in real(uri, fs, columns):
+            yield seg._replace(bvp=np.full_like(seg.bvp, 0.5)) if uri.endswith(flat_shard) else seg
+
+    monkeypatch.setattr(job, "read_segments", flat_truth)
+    rows = EvaluateStep(str(shards), str(tmp_path), ["pos"], [6.0])(bucket)["rows"]
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert flat_shard in rows[0]["reason"] and "ground-truth BVP is flat" in rows[0]["reason"]
+
+
+def test_one_models_bad_output_fails_its_row_alone(tmp_path, shards, monkeypatch):
+    step = EvaluateStep(str(shards), str(tmp_path), ["pos", "green"], [6.0])
+    feed = step.models.feed
+
+    def green_says_nan(streams):
+        predictors = feed(streams)
+        finish = predictors["green"].finish
+        predictors["green"].finish = lambda keep=None: [np.full_like(b, np.nan) for b in finish(keep)]
+        return predictors
+
+    monkeypatch.setattr(step.models, "feed", green_says_nan)
+    rows = step(_bucket(shards))["rows"]
+    assert [(r["model"], r["status"]) for r in rows] == [("pos", "ok"), ("green", "failed")] * 2
+    assert all("green: cannot score its output" in r["reason"] and "NaN" in r["reason"]
+               for r in rows if r["status"] == "failed")
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--model", "me-turbo"], "unknown model 'me-turbo'"),
+    (["--model", "me-chunk:/nowhere/w.h5"], "/nowhere/w.h5: no such weights file"),
+    (["--model", "me-chunk:{manifest}"], "cannot read ME-rPPG weights"),
+    (["--input", "{missing}"], "no manifest.parquet"),
+])
+def test_bad_requests_end_with_one_line_before_any_engine_starts(tmp_path, shards, capsys, args, said):
+    paths = {"manifest": str(shards / "manifest.parquet"), "missing": str(tmp_path / "nothing")}
+    argv = ["evaluate", "--input", str(shards), "--output", str(tmp_path / "out")] + [a.format(**paths) for a in args]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pulsepipe evaluate: error: ") and said in err and len(err.splitlines()) == 1, err
 
 
 def test_recordings_that_failed_preprocessing_come_along_failed():
@@ -120,3 +200,18 @@ def test_on_a_gpu_the_metrics_match_the_cpu_run(tmp_path, shards, beam_eval, eng
         assert r["status"] == c["status"]
         if r["status"] == "ok":
             assert abs(r["hr_pred"] - c["hr_pred"]) < 0.5, (r, c)
+
+
+def test_cpu_workers_keep_jax_off_any_gpu(tmp_path):
+    # on a machine with CUDA JAX, a worker not given a GPU would otherwise take one and 75% of its memory
+    import subprocess
+    import sys
+
+    code = ("import jax; from pipelines.evaluate import EvaluateStep; "
+            f"EvaluateStep({str(tmp_path)!r}, {str(tmp_path)!r}, ['me-chunk'], [10.0], gpus={{}}); "
+            "print(jax.config.jax_platforms)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    for gpus, platforms in ((False, "cpu"), (True, "None")):
+        done = subprocess.run([sys.executable, "-c", code.format(gpus)], capture_output=True, text=True, timeout=120,
+                              env=env)
+        assert done.stdout.strip() == platforms, done.stderr

@@ -91,8 +91,9 @@ def astronaut_frames(n: int):
         (lambda d: d / "missing.mp4", "no such file"),
         (lambda d: write_frames(d / "blank.mp4", (np.full((240, 320, 3), 90, np.uint8) for _ in range(90))), "no face"),
         (lambda d: write_frames(d / "short.mp4", astronaut_frames(45)), "at least 2 s"),
+        (lambda d: write_frames(d / "still.mp4", astronaut_frames(90)), "pos finds no pulse"),  # a photo: flat BVP
     ],
-    ids=["zero-length", "corrupt", "missing", "no-face", "under-2s"],
+    ids=["zero-length", "corrupt", "missing", "no-face", "under-2s", "still-photo"],
 )
 def test_bad_input_is_one_line_naming_the_file_with_exit_code_2(tmp_path, make, reason):
     path = make(tmp_path)

@@ -59,8 +59,8 @@ def test_clear_errors():
         m.mae([1.0, 2.0], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="at least 1 pairs"):
         m.mae([np.nan], [70.0])
-    with pytest.raises(ValueError, match="at least 2 pairs"):
-        m.pearson_r([70.0, np.nan], [72.0, 75.0])
+    with pytest.raises(ValueError, match="at least 3 pairs"):  # r of 2 points is always +-1
+        m.pearson_r([70.0, 80.0, np.nan], [72.0, 75.0, 90.0])
     with pytest.raises(ValueError, match="at least 2 pairs"):
         m.bland_altman([70.0], [72.0])
     with pytest.raises(ValueError, match="true HR is 0"):
@@ -116,16 +116,18 @@ def test_bootstrap_resamples_subjects_not_recordings():
 
 
 def test_bootstrap_passes_one_array_per_tuple_position():
-    cohort = {"a": [(1.0,), (3.0,)], "b": [(5.0,)]}
-    low, high = m.bootstrap_ci(cohort, lambda x: float(np.mean(x)), n_boot=500)
-    assert 1.0 <= low <= high <= 5.0
+    # Pools: aa (statistic 2 - 0), ab (3 - 1/3) or bb (5 - 1), drawn 1/4, 1/2 and 1/4 of the time.
+    cohort = {"a": [(1.0, 0.0), (3.0, 0.0)], "b": [(5.0, 1.0)]}
+    low, high = m.bootstrap_ci(cohort, lambda p, t: float(np.mean(p) - np.mean(t)), n_boot=500)
+    assert (low, high) == pytest.approx((2.0, 4.0))
 
 
 def test_bootstrap_skips_resamples_where_the_statistic_is_undefined():
-    # A resample of only subject "a" has one pair: no Pearson r there, but the others count.
+    # Pools: aa has 2 pairs, no Pearson r; ab has r of its 3 points; bb 2 distinct points twice, r = 1.
+    # Left out, aa would put NaN at the low end; it is skipped, so the interval runs from ab's r to 1.
     cohort = {"a": [(70.0, 71.0)], "b": [(80.0, 79.0), (90.0, 92.0)]}
     low, high = m.bootstrap_ci(cohort, m.pearson_r, n_boot=200)
-    assert -1.0 <= low <= high <= 1.0
+    assert (low, high) == pytest.approx((m.pearson_r([70.0, 80.0, 90.0], [71.0, 79.0, 92.0]), 1.0))
     assert all(math.isnan(x) for x in m.bootstrap_ci({"a": [(70.0, 71.0)]}, m.pearson_r, n_boot=20))
 
 
@@ -153,8 +155,20 @@ def by_level(table, level, **match):
     return [r for r in table if r["level"] == level and all(r[k] == v for k, v in match.items())]
 
 
+def window(model, subject, recording, pred, true, length=10.0, dataset="UBFC"):
+    return dict(model=model, dataset=dataset, subject_id=subject, recording_id=recording, length_s=length,
+                hr_pred=pred, hr_true=true)
+
+
+def small_windows():
+    # the first carries its recording's SNR, as evaluate's window rows may: not a window's to report
+    return [dict(window("pos", "s1", "s1a", 70.0, 72.0), snr_db=3.0), window("pos", "s1", "s1a", 74.0, 72.0),
+            window("pos", "s2", "s2a", 90.0, 95.0), window("pos", "s3", "s3a", np.nan, 60.0),
+            window("pos", "s1", "s1a", 71.0, 72.0, length=30.0)]
+
+
 def test_every_row_has_the_same_columns_and_nulls_where_undefined():
-    table = m.metrics_table(small_rows(), ["skin"], n_boot=100)
+    table = m.metrics_table(small_rows(), ["skin"], windows=small_windows(), n_boot=100)
     assert {r["level"] for r in table} == set(m.LEVELS)
     assert all(tuple(r) == m.METRIC_COLUMNS for r in table)
     for r in by_level(table, "recording") + by_level(table, "subject"):
@@ -167,6 +181,17 @@ def test_every_row_has_the_same_columns_and_nulls_where_undefined():
     import pyarrow as pa
 
     assert pa.Table.from_pylist(table).num_rows == len(table)  # one Parquet table
+
+
+def test_window_level_pools_window_pairs_per_length():
+    table = m.metrics_table(small_rows(), windows=small_windows(), n_boot=200)
+    ten, thirty = by_level(table, "window", model="pos")
+    assert (ten["window_s"], ten["n_windows"], ten["n_recordings"], ten["n_subjects"]) == (10.0, 3, 2, 2)
+    assert ten["mae"] == pytest.approx((2 + 2 + 5) / 3) and ten["rmse"] == pytest.approx(np.sqrt((4 + 4 + 25) / 3))
+    assert ten["pearson_r"] == pytest.approx(m.pearson_r([70, 74, 90], [72, 72, 95]))
+    assert ten["mae_lo"] <= ten["mae"] <= ten["mae_hi"] and ten["snr_db"] is None
+    assert (thirty["window_s"], thirty["n_windows"], thirty["mae"]) == (30.0, 1, 1.0)
+    assert all(r["window_s"] is None for r in table if r["level"] != "window")
 
 
 def test_recording_level():
@@ -217,6 +242,13 @@ def test_cohort_ci_matches_bootstrap_ci():
     for r in rows:
         per_subject.setdefault(("UBFC", r["subject_id"]), []).append((r["hr_pred"], r["hr_true"]))
     assert (cohort["mae_lo"], cohort["mae_hi"]) == pytest.approx(m.bootstrap_ci(per_subject, m.mae, n_boot=300, seed=4))
+
+
+def test_one_subject_gets_its_metrics_but_no_interval():
+    rows = [rec("pos", "s1", f"r{i}", 70.0 + i, 72.0 + 2 * i) for i in range(4)]
+    cohort = by_level(m.metrics_table(rows, n_boot=50), "cohort")[0]
+    assert cohort["mae"] == pytest.approx(3.5) and cohort["pearson_r"] == pytest.approx(1.0)
+    assert all(cohort[c] is None for c in ("mae_lo", "mae_hi", "rmse_lo", "r_lo", "r_hi", "snr_lo", "snr_hi"))
 
 
 def test_subjects_are_per_dataset():

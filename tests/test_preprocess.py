@@ -154,3 +154,22 @@ def test_rerun_skips_unchanged_redoes_changed_and_retries_failed(tmp_path, cohor
     logs.clear()
     run("synthetic", src, out, config={**load_config(None), "detect_every": 3}, log=logs.append)
     assert "0 unchanged, 3 to process" in logs[0]
+
+
+@pytest.mark.parametrize("text, said", [
+    (None, "cannot read the config"),
+    ("detect_every: [unclosed", "cannot read the config"),
+    ("- a list", "expected settings as YAML keys and values"),
+    ("detect_evry: 3", "unknown settings detect_evry"),
+])
+def test_a_bad_config_is_one_line_naming_the_file(tmp_path, capsys, text, said):
+    from pipelines import cli
+
+    config = tmp_path / "config.yaml"
+    if text is not None:
+        config.write_text(text)
+    argv = ["preprocess", "--layout", "synthetic", "--input", str(tmp_path), "--output", str(tmp_path / "out"),
+            "--config", str(config)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pulsepipe preprocess: error: {config}: {said}") and len(err.splitlines()) == 1, err

@@ -1,6 +1,7 @@
 """pipelines.report: the HTML report and its PNGs on a small fake cohort, and the terminal tables."""
 import re
 
+import fsspec
 import numpy as np
 import pytest
 
@@ -46,8 +47,8 @@ def test_worst_recordings_are_per_model_largest_errors_first(cohort):
 def test_write_report_links_valid_pngs_and_shows_the_cohort_numbers(cohort, tmp_path):
     rows, metric_rows, waveforms = cohort
     path = report.write_report(tmp_path, rows, metric_rows, waveforms)
-    assert path == tmp_path / "report.html"
-    text = path.read_text()
+    assert path == str(tmp_path / "report.html")
+    text = (tmp_path / "report.html").read_text()
     links = re.findall(r"src='([^']+)'", text)
     assert len(links) == 2 + 2 + len(waveforms)  # Bland-Altman and error by HR per model, waveforms
     for link in links:
@@ -62,8 +63,10 @@ def test_write_report_links_valid_pngs_and_shows_the_cohort_numbers(cohort, tmp_
 
 def test_write_report_without_waveforms_or_pairs(tmp_path):
     rows = [dict(model="pos", dataset="D", subject_id="1", recording_id="a", hr_pred=float("nan"), hr_true=70.0)]
-    path = report.write_report(tmp_path, rows, metrics.metrics_table(rows, n_boot=10))
-    assert "fewer than 2 recordings" in path.read_text()
+    report.write_report(tmp_path, rows, metrics.metrics_table(rows, n_boot=10))
+    text = (tmp_path / "report.html").read_text()
+    assert "pos: fewer than 2 recordings with both HRs, no plot" in text
+    assert "pos: no recording with both HRs, no plot" in text  # not an empty chart that reads as zero error
 
 
 def test_terminal_tables_name_every_subject_and_model(cohort):
@@ -86,3 +89,31 @@ def test_terminal_tables_name_every_subject_and_model(cohort):
     me = next(r for r in metric_rows if r["level"] == "cohort" and r["model"] == "me_rppg")
     # fixed width: each value starts under its header
     assert cohort_table[2].index(f"{me['mae']:.2f} [") == cohort_table[0].index("MAE (BPM)")
+
+
+def test_failures_the_run_and_a_remote_folder(cohort):
+    rows, metric_rows, _ = cohort
+    failed = [dict(model=m, dataset="UBFC", subject_id="subj9", recording_id="subj9_v0", status="failed",
+                   reason="shards/UBFC/subj9_v0.parquet: cannot read the shard") for m in ("me_rppg", "pos")]
+    failed.append(dict(model="pos", dataset="UBFC", subject_id="subj8", recording_id="subj8_v0", status="failed",
+                       reason="pos: cannot score its output: the predicted BVP is flat"))
+    uri = "memory://report-test/out"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{uri}/report/stale.png", b"an earlier run's plot")
+    assert report.write_report(uri, rows + failed, metric_rows, about={"bootstrap seed": 7}) == f"{uri}/report.html"
+    text = fs.cat(f"{uri}/report.html").decode()
+    assert "<td>subj9_v0</td><td>all</td><td>shards/UBFC/subj9_v0.parquet: cannot read the shard</td>" in text
+    assert "<td>subj8_v0</td><td>pos</td>" in text  # one model failed: named
+    assert "<td>bootstrap seed</td><td>7</td>" in text
+    assert not fs.exists(f"{uri}/report/stale.png")
+    for link in re.findall(r"src='([^']+)'", text):
+        assert fs.cat(f"{uri}/{link}")[:8] == PNG_SIGNATURE
+
+
+def test_a_waveform_with_gaps_in_its_truth_is_drawn_around_them():
+    t = np.arange(600) / FS
+    truth = np.sin(2 * np.pi * 1.2 * t)
+    truth[100:110] = np.nan
+    shown = report._for_display(t, truth)
+    assert np.isfinite(shown).all() and (shown[100:110] == 0).all()
+    assert np.corrcoef(shown[200:400], truth[200:400])[0, 1] > 0.99

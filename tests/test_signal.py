@@ -55,6 +55,37 @@ def test_hr_windows_count_centres_and_values():
         sig.hr_windows(x, FS, 10, 2, method="wavelet")
 
 
+def test_hr_windows_score_usable_samples_on_the_signals_own_time_axis():
+    x = sine(1.3, seconds=60)
+    usable = np.ones(x.size, bool)
+    usable[600:750] = False  # 5 s without a face, from 20 s to 25 s
+    usable[1500:1515] = False  # half a second, from 50 s
+    x_gaps = np.where(usable, x, 1e3)  # what lies in a gap must not reach a rate
+    centres_s, bpm = sig.hr_windows(x_gaps, FS, window_s=10, step_s=5, usable=usable)
+    np.testing.assert_allclose(centres_s, 5 + 5 * np.arange(11))
+    # windows [15, 25), [20, 30) and [25, 35) ... hold 50%, 50% and 0% of the 5 s gap
+    overlaps_gap = (centres_s - 5 < 25) & (centres_s + 5 > 20)
+    assert np.isnan(bpm[overlaps_gap]).all() and overlaps_gap.sum() == 2
+    np.testing.assert_allclose(bpm[~overlaps_gap], 78, atol=1.0)  # the half-second gap: 95% usable
+    _, strict = sig.hr_windows(x_gaps, FS, window_s=10, step_s=5, usable=usable, min_usable=1.0)
+    assert np.isnan(strict[-2:]).all()  # both windows over the half-second gap
+    with pytest.raises(ValueError, match="one flag per sample"):
+        sig.hr_windows(x, FS, 10, 5, usable=usable[:-1])
+
+
+def test_gaps_are_silenced_not_joined():
+    # Half a second without a face: joined, the sine's phase jumps by 0.65 cycles and splits its peak.
+    x = sine(1.3, seconds=10)
+    usable = np.ones(x.size, bool)
+    usable[150:165] = False
+    assert abs(sig.hr_welch(sig.postprocess_bvp(x[usable], FS), FS) - 78) > 2  # why not join
+    filled = sig.postprocess_bvp(np.where(usable, x, 1e3), FS, usable=usable)
+    assert (filled[~usable] == 0).all()
+    np.testing.assert_allclose(filled[usable], sig.postprocess_bvp(x[usable], FS))
+    hr, quality = sig.heart_rate(np.where(usable, x, 1e3), FS, usable=usable)
+    assert abs(hr - 78) <= 0.5 and quality == pytest.approx(sig.sqi(x[usable], FS))
+
+
 # --- filters ----------------------------------------------------------------------------------
 
 def amplitude_ratio(freq_hz, seconds=60.0):
@@ -122,18 +153,35 @@ def test_snr_of_a_sine_is_high_and_falls_with_noise():
     assert sig.snr_db(clean, FS, 100) < 0  # at the wrong rate the pulse counts as noise
 
 
-def test_snr_from_spectrum_matches_a_brute_force_count():
+@pytest.mark.parametrize("hr_bpm", [84.0, 108.0])  # 108: the harmonic (3.6 Hz) lies above the band
+def test_snr_from_spectrum_matches_a_brute_force_count(hr_bpm):
     freqs = np.arange(0, 5, 0.01)
     power = np.random.default_rng(4).random(freqs.size)
-    hr_bpm = 84.0
+    hr_hz = hr_bpm / 60
     signal_power = noise_power = 0.0
     for f, p in zip(freqs, power):
-        if abs(f - 1.4) <= 0.1 or abs(f - 2.8) <= 0.1:
+        if not 0.5 <= f <= 3.0:
+            continue
+        if abs(f - hr_hz) <= 0.1 or abs(f - 2 * hr_hz) <= 0.1:
             signal_power += p
-        elif 0.5 <= f <= 3.0:
+        else:
             noise_power += p
     expected = 10 * np.log10(signal_power / noise_power)
     assert sig.snr_db_from_spectrum(freqs, power, hr_bpm) == pytest.approx(expected, rel=1e-12)
+
+
+def test_snr_ignores_power_above_the_band_even_at_the_harmonic():
+    noise = 0.5 * np.random.default_rng(5).standard_normal(900)
+    pulse = sine(1.8) + noise  # 108 BPM
+    assert sig.snr_db(pulse + 3 * sine(3.6), FS, 108) == pytest.approx(sig.snr_db(pulse, FS, 108), abs=0.05)
+
+
+def test_a_flat_waveform_has_no_rate_and_no_snr():
+    for flat in (np.zeros(900), np.full(900, 3.0)):
+        assert np.isnan(sig.hr_welch(flat - flat.mean(), FS)) and np.isnan(sig.hr_fft(flat - flat.mean(), FS))
+        hr, quality = sig.heart_rate(flat, FS)
+        assert np.isnan(hr) and quality == 0.0
+        assert np.isnan(sig.snr_db(flat, FS, 72))
 
 
 # --- bad input --------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Notation: p_i predicted HR and t_i ground-truth HR (BPM) of pair i, e_i = p_i - 
 Every pair function takes two arrays of the same shape, drops the pairs where either side is NaN,
 and raises ValueError on mismatched shapes or too few pairs.
 
-`metrics_table` turns per-recording rows into rows of one table at four levels (recording, subject,
-cohort, group), all with the columns in `METRIC_COLUMNS`, None where a level defines no value.
+`metrics_table` turns per-recording rows (and sliding-window HR pairs) into rows of one table at five
+levels (recording, subject, cohort, group, window), all with the columns in `METRIC_COLUMNS`, None where a
+level defines no value.
 Confidence intervals resample *subjects*: recordings of one subject share a face, a camera and a
 session, so their errors are not independent and resampling recordings would give too-narrow CIs.
 """
@@ -18,15 +19,16 @@ from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
-LEVELS = ("recording", "subject", "cohort", "group")
+LEVELS = ("recording", "subject", "cohort", "group", "window")
 METRIC_COLUMNS = (
-    "level", "model", "dataset", "group_key", "group_value", "subject_id", "recording_id",
-    "n_recordings", "n_subjects",
+    "level", "model", "dataset", "group_key", "group_value", "subject_id", "recording_id", "window_s",
+    "n_recordings", "n_subjects", "n_windows",
     "mae", "mae_lo", "mae_hi", "rmse", "rmse_lo", "rmse_hi", "mape", "mape_lo", "mape_hi",
     "pearson_r", "r_lo", "r_hi", "snr_db", "snr_lo", "snr_hi",
     "ba_bias", "ba_loa_low", "ba_loa_high",
     "hr_pred", "hr_true",
 )
+MIN_CI_SUBJECTS = 2  # one subject resampled is always itself: its interval would claim certainty
 BA_Z = 1.96  # Bland & Altman (1986): 95% of differences lie within bias +- 1.96 sd if they are normal
 
 
@@ -72,9 +74,10 @@ def mape(pred, true) -> float:
 def pearson_r(pred, true) -> float:
     """Pearson correlation: sum (p_i - p_mean)(t_i - t_mean) / sqrt(sum (p_i - p_mean)^2 sum (t_i - t_mean)^2).
 
-    Needs 2 pairs; NaN when either side is constant (the denominator is 0).
+    Needs 3 pairs (through 2 points any line fits, so r would be +-1 whatever the data); NaN when either
+    side is constant (the denominator is 0).
     """
-    pred, true = paired(pred, true, min_pairs=2)
+    pred, true = paired(pred, true, min_pairs=3)
     # The formula in numpy, not scipy.stats.pearsonr: that costs ~0.6 ms a call, 90% of a bootstrap
     # (the tests check the two agree).
     if np.all(pred == pred[0]) or np.all(true == true[0]):
@@ -266,20 +269,22 @@ def _cohort_metrics(recs: list[dict], n_boot: int, seed: int, level: float) -> d
         return fields
     pooled = np.array([v for values in per_subject.values() for v in values]).T  # (3, n_recordings)
     statistics = {name: _nan_if_invalid(fn) for name, (fn, _, _) in _COHORT_STATISTICS.items()}
-    replicates = _bootstrap_statistics(_subject_arrays(per_subject), statistics, n_boot, seed)
-    for name, (_, lo_col, hi_col) in _COHORT_STATISTICS.items():
+    for name in _COHORT_STATISTICS:
         fields[name] = _finite_or_none(statistics[name](*pooled))
-        low, high = _percentile_interval(replicates[name], level)
-        fields[lo_col], fields[hi_col] = _finite_or_none(low), _finite_or_none(high)
+    if len(per_subject) >= MIN_CI_SUBJECTS:
+        replicates = _bootstrap_statistics(_subject_arrays(per_subject), statistics, n_boot, seed)
+        for name, (_, lo_col, hi_col) in _COHORT_STATISTICS.items():
+            low, high = _percentile_interval(replicates[name], level)
+            fields[lo_col], fields[hi_col] = _finite_or_none(low), _finite_or_none(high)
     if pooled.shape[1] >= 2:
         ba = bland_altman(pooled[0], pooled[1])
         fields.update(ba_bias=ba["bias"], ba_loa_low=ba["loa_low"], ba_loa_high=ba["loa_high"])
     return fields
 
 
-def metrics_table(rows: Iterable[dict], group_keys: Sequence[str] = (), *, n_boot: int = 1000,
-                  seed: int = 0, level: float = 0.95) -> list[dict]:
-    """Metric rows at four levels from per-recording rows; every row has exactly `METRIC_COLUMNS`.
+def metrics_table(rows: Iterable[dict], group_keys: Sequence[str] = (), *, windows: Iterable[dict] = (),
+                  n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[dict]:
+    """Metric rows at five levels from per-recording rows; every row has exactly `METRIC_COLUMNS`.
 
     rows: one dict per (model, recording) with model, dataset, subject_id, recording_id, hr_pred,
     hr_true (BPM; NaN or None when missing), snr_db, and metadata columns (skin_type, motion, ...).
@@ -292,11 +297,17 @@ def metrics_table(rows: Iterable[dict], group_keys: Sequence[str] = (), *, n_boo
       ba_bias = mean e_j, snr_db = mean SNR_j, and the subject's HR pair hr_pred = mean p_j,
       hr_true = mean t_j. No Pearson r or limits of agreement (a handful of recordings).
     - cohort (per model, dataset): MAE, RMSE, MAPE, Pearson r and mean SNR pooled over recordings,
-      each with a `level` bootstrap CI resampling subjects (`bootstrap_ci`), and Bland-Altman bias
-      and limits of agreement.
+      each with a `level` bootstrap CI resampling subjects (`bootstrap_ci`; none below
+      MIN_CI_SUBJECTS subjects), and Bland-Altman bias and limits of agreement (recordings taken as
+      independent; with many recordings per subject the limits come out somewhat narrow, see Bland &
+      Altman 2007 on repeated measures).
     - group (per model, key in group_keys, value of that key): the cohort metrics of the recordings
       with that value, pooled over datasets; dataset lists the datasets joined by "+", group_value
       is str(value). Recordings without the key (or with None) are in no group of that key.
+    - window (per model, dataset, window length window_s): the cohort metrics of the HR pairs of
+      sliding windows pooled, with CIs resampling subjects. windows: one dict per window with model,
+      dataset, subject_id, recording_id, length_s, hr_pred, hr_true. n_windows counts the pairs,
+      n_recordings the recordings they come from. No SNR: it is measured over whole recordings.
     """
     rows = list(rows)
     for r in rows:
@@ -326,6 +337,16 @@ def metrics_table(rows: Iterable[dict], group_keys: Sequence[str] = (), *, n_boo
             datasets = "+".join(sorted({r["dataset"] for r in recs}))
             out.append(_empty_row("group", model=model, dataset=datasets, group_key=key, group_value=value,
                                   **_cohort_metrics(recs, n_boot, seed, level)))
+
+    by_window: dict[tuple, list[dict]] = defaultdict(list)
+    for w in windows:
+        by_window[(w["model"], w["dataset"], float(w["length_s"]))].append(w)
+    for (model, dataset, length), recs in sorted(by_window.items()):
+        fields = _cohort_metrics([{**w, "snr_db": None} for w in recs], n_boot, seed, level)  # SNR: recordings
+        paired_recordings = {str(w["recording_id"]) for w in recs
+                             if not (math.isnan(_as_float(w["hr_pred"])) or math.isnan(_as_float(w["hr_true"])))}
+        fields.update(n_windows=fields["n_recordings"], n_recordings=len(paired_recordings))
+        out.append(_empty_row("window", model=model, dataset=dataset, window_s=length, **fields))
     return out
 
 

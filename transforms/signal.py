@@ -102,11 +102,21 @@ def bandpass(x, fs: float, low: float = 0.5, high: float = 3.0, order: int = 3, 
     return scipy.signal.sosfiltfilt(sos, x, axis=axis, padtype="odd", padlen=padlen)
 
 
-def postprocess_bvp(x, fs: float, low: float = 0.5, high: float = 3.0) -> np.ndarray:
+def postprocess_bvp(x, fs: float, low: float = 0.5, high: float = 3.0, usable=None) -> np.ndarray:
     """Band-pass, then standardise to zero mean and unit variance: what we do before HR estimation.
 
-    x: (N,). Returns (N,) float64; a signal with nothing in the band comes back as zeros.
+    x: (N,). usable: (N,) bool, the samples that hold the waveform (default: all); only they are filtered
+    and standardised, joined, and the others come back as 0. Silence in a gap keeps the pulse's phase
+    on either side of it, where joining the samples would put a phase jump into every spectrum taken
+    across the gap. Returns (N,) float64; a signal with nothing in the band comes back as zeros.
     """
+    if usable is not None:
+        x, usable = np.asarray(x, dtype=np.float64), np.asarray(usable, bool)
+        if usable.shape != x.shape:
+            raise ValueError(f"usable has shape {usable.shape}; expected {x.shape}, one flag per sample")
+        out = np.zeros(x.shape)
+        out[usable] = postprocess_bvp(x[usable], fs, low, high)
+        return out
     filtered = bandpass(x, fs, low, high)
     std = filtered.std()
     # Below this the band holds only rounding error of the input, not a waveform worth scaling up.
@@ -116,10 +126,13 @@ def postprocess_bvp(x, fs: float, low: float = 0.5, high: float = 3.0) -> np.nda
 
 
 def _peak_bpm(freqs_hz: np.ndarray, power: np.ndarray, bpm_range) -> float:
+    """The peak's rate in BPM; NaN when the range holds no power (a flat signal has no rate)."""
     # Strict band edges, as open-rppg's get_hr.
     in_range = (freqs_hz > bpm_range[0] / 60.0) & (freqs_hz < bpm_range[1] / 60.0)
     if not in_range.any():
         raise ValueError(f"no spectral bin inside {bpm_range} BPM; the signal is too short")
+    if not power[in_range].any():
+        return float("nan")  # argmax would name the range's first bin, a rate nothing in the signal has
     return float(freqs_hz[in_range][np.argmax(power[in_range])] * 60.0)
 
 
@@ -137,13 +150,17 @@ def hr_welch(x, fs: float, bpm_range=BPM_RANGE) -> float:
     return _peak_bpm(freqs_hz, power, bpm_range)
 
 
-def heart_rate(bvp, fs: float, bpm_range=BPM_RANGE) -> tuple[float, float]:
+def heart_rate(bvp, fs: float, bpm_range=BPM_RANGE, usable=None) -> tuple[float, float]:
     """The recipe every job uses for one recording: (HR in BPM, SQI).
 
-    HR is the Welch peak of the band-passed, standardised waveform; SQI scores the raw waveform, as
-    open-rppg does. Predicted and ground-truth BVP go through this same function.
+    HR is the Welch peak of the band-passed, standardised waveform, NaN when nothing is left in the band
+    (a flat waveform); SQI scores the raw waveform, as open-rppg does. usable: (N,) bool, the samples to
+    score (default: all), with gaps silenced as `postprocess_bvp` does. Predicted and ground-truth BVP go
+    through this same function.
     """
-    return hr_welch(postprocess_bvp(bvp, fs), fs, bpm_range), sqi(bvp, fs)
+    x = postprocess_bvp(bvp, fs, usable=usable)
+    raw = np.asarray(bvp, dtype=np.float64)
+    return hr_welch(x, fs, bpm_range), sqi(raw if usable is None else raw[np.asarray(usable, bool)], fs)
 
 
 def hr_fft(x, fs: float, bpm_range=BPM_RANGE) -> float:
@@ -186,12 +203,15 @@ HR_METHODS = {"welch": hr_welch, "fft": hr_fft, "peaks": hr_peaks}
 
 
 def hr_windows(x, fs: float, window_s: float, step_s: float, method: str = "welch",
-               bpm_range=BPM_RANGE) -> tuple[np.ndarray, np.ndarray]:
+               bpm_range=BPM_RANGE, usable=None, min_usable: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """Heart rate on sliding windows of `window_s` seconds every `step_s` seconds.
 
-    x: (N,). Windows start at 0, step_s, 2 step_s, ... and end inside the signal; the tail shorter
-    than a window is not used. Returns (centres_s, bpm), each (n_windows,): window centres in seconds
-    from the first sample, and the rate by `method` ("welch", "fft" or "peaks").
+    x: (N,), zero-mean (band-passed). Windows start at 0, step_s, 2 step_s, ... and end inside the
+    signal; the tail shorter than a window is not used. usable: (N,) bool, the samples to score
+    (default: all); a window is scored when they are at least `min_usable` of it, with the others
+    silenced (0, as `postprocess_bvp` leaves them), else its rate is NaN. Returns
+    (centres_s, bpm), each (n_windows,): window centres in seconds from the first sample, and the rate
+    by `method` ("welch", "fft" or "peaks").
     """
     fs = _check_fs(fs)
     if method not in HR_METHODS:
@@ -201,9 +221,14 @@ def hr_windows(x, fs: float, window_s: float, step_s: float, method: str = "welc
     if window_len < 1 or step_len < 1:
         raise ValueError(f"window_s and step_s must each span at least one sample, got {window_s}, {step_s}")
     x = _check_signal(x, window_len, f"one window of {window_s} s")
+    usable = np.ones(x.shape, bool) if usable is None else np.asarray(usable, bool)
+    if usable.shape != x.shape:
+        raise ValueError(f"usable has shape {usable.shape}; expected {x.shape}, one flag per sample")
     windows = np.lib.stride_tricks.sliding_window_view(x, window_len)[::step_len]  # (n_windows, window_len)
+    masks = np.lib.stride_tricks.sliding_window_view(usable, window_len)[::step_len]
     hr_of = HR_METHODS[method]
-    bpm = np.array([hr_of(window, fs, bpm_range) for window in windows])
+    bpm = np.array([hr_of(np.where(m, w, 0.0), fs, bpm_range) if m.mean() >= min_usable else np.nan
+                    for w, m in zip(windows, masks)])
     centres_s = (np.arange(len(windows)) * step_len + window_len / 2) / fs
     return centres_s, bpm
 
@@ -250,9 +275,11 @@ def snr_db_from_spectrum(freqs_hz, power, hr_bpm: float, band_hz=PULSE_BAND_HZ,
                          half_width_hz: float = 0.1) -> float:
     """SNR (dB) of a power spectrum around a heart rate, as de Haan & Jeanne (2013).
 
-    freqs_hz, power: (F,) bin frequencies and powers. Signal: bins within `half_width_hz` of the HR
-    frequency or of its first harmonic (2 x HR), wherever they lie; noise: the other bins inside
-    `band_hz`. Returns 10 log10(signal / noise); +inf when there is no noise power.
+    freqs_hz, power: (F,) bin frequencies and powers. Both sums run over the bins inside `band_hz`:
+    signal, the bins within `half_width_hz` of the HR frequency or of its first harmonic (2 x HR);
+    noise, the rest. A harmonic above the band adds nothing (power there is neither). Returns
+    10 log10(signal / noise): +inf when there is no noise power, -inf when there is no signal power,
+    NaN when the band holds no power at all (a flat waveform).
     """
     freqs_hz = np.asarray(freqs_hz, dtype=np.float64)
     power = np.asarray(power, dtype=np.float64)
@@ -261,8 +288,10 @@ def snr_db_from_spectrum(freqs_hz, power, hr_bpm: float, band_hz=PULSE_BAND_HZ,
         raise ValueError(f"hr_bpm must be a positive rate, got {hr_bpm}")
     near_pulse = (np.abs(freqs_hz - hr_hz) <= half_width_hz) | (np.abs(freqs_hz - 2 * hr_hz) <= half_width_hz)
     in_band = (freqs_hz >= band_hz[0]) & (freqs_hz <= band_hz[1])
-    signal_power = power[near_pulse].sum()
+    signal_power = power[in_band & near_pulse].sum()
     noise_power = power[in_band & ~near_pulse].sum()
+    if signal_power <= 0 and noise_power <= 0:
+        return float("nan")
     if noise_power <= 0:
         return float("inf")
     if signal_power <= 0:

@@ -7,8 +7,8 @@
 
 Every folder two levels down holding one of these files is a recording; its ids are the folder names.
 Listing reads meta.json (small) for the metadata: METADATA_KEYS, the nuisances of RECORDING_KEYS and the
-subject's `skin_tone` (0 light .. 1 dark) and `subject_hr_bpm`. read_truth checks that the PPG covers the
-n_frames / fps that meta.json states.
+subject's `skin_tone` (0 light .. 1 dark) and `subject_hr_bpm`, and bands of tone and motion to group by
+(`skin`, `motion`). read_truth checks that the PPG covers the n_frames / fps that meta.json states.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ DATASET = "synthetic"
 PPG, META = "ppg.csv", "meta.json"
 VIDEO_NAMES = ("video.mp4", "video.avi")
 METADATA_KEYS = ("seed", "codec", "fps", "n_frames", "width", "height", "seconds", "ppg_rate_hz", "true_mean_hr_bpm")
+MOTION_LARGE_PX = 2.5  # peak head translation from which the motion band is "large" (synth draws 1-4 px)
 RECORDING_KEYS = ("target_hr_bpm", "pulse_amplitude", "motion_shift_px", "motion_scale", "light_drift",
                   "noise_sigma_dn")
 
@@ -84,12 +85,17 @@ def frame_blocks(rec: Recording, local: dict[str, str], block: int) -> Iterator[
 
 
 def _metadata(meta: dict) -> dict:
-    """Flat facts of meta.json: its scalars of METADATA_KEYS, the subject's skin tone and HR, the nuisances."""
+    """Flat facts of meta.json: its scalars of METADATA_KEYS, the subject's skin tone and HR, the nuisances,
+    and the tone and head motion named in bands (`skin` light / medium / dark by thirds of the tone,
+    `motion` small / large, below or above 2.5 px), the groups evaluation breaks its metrics down by."""
     subject, recording = meta.get("subject", {}), meta.get("recording", {})
     out = {k: meta[k] for k in METADATA_KEYS if k in meta}
     if "skin_tone" in subject:
         out["skin_tone"] = subject["skin_tone"]  # 0 light .. 1 dark
+        out["skin"] = ("light", "medium", "dark")[min(int(subject["skin_tone"] * 3), 2)]
     if "hr_bpm" in subject:
         out["subject_hr_bpm"] = subject["hr_bpm"]
     out.update({k: recording[k] for k in RECORDING_KEYS if k in recording})
+    if "motion_shift_px" in recording:
+        out["motion"] = "large" if recording["motion_shift_px"] >= MOTION_LARGE_PX else "small"
     return out
