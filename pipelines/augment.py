@@ -142,11 +142,12 @@ def source_heart_rate(row: dict, fs, root: str) -> tuple[float | None, str | Non
     if not parts or any(p is None for p in parts):
         return None, "no ground-truth bvp"
     bvp = np.concatenate(parts)
-    bvp = bvp[np.isfinite(bvp)]  # truth may stop short of the video's ends (NaN there)
+    finite = np.isfinite(bvp)  # truth may stop short of the video's ends (NaN there)
     try:
-        return heart_rate(bvp, FPS)[0], None
+        hr = heart_rate(np.where(finite, bvp, 0.0), FPS, usable=finite)[0]
     except ValueError as e:
         return None, f"ground truth unusable: {e}"
+    return (None, "ground truth is flat (nothing in 0.5-3 Hz)") if np.isnan(hr) else (hr, None)
 
 
 def plan(picks, sources: dict[str, dict], hrs: dict[str, float], previous: list[dict]):

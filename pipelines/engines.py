@@ -62,21 +62,24 @@ def add_engine_arguments(p: argparse.ArgumentParser, gpus: bool = False) -> None
     """The engine options; gpus: the job runs a model, so its workers may ask for GPUs."""
     g = p.add_argument_group("engine")
     g.add_argument("--engine", choices=ENGINES, default="beam", help="Apache Beam or Ray Data (default: beam)")
-    g.add_argument("--workers", type=_count, default=0, metavar="N",
+    g.add_argument("--workers", type=whole_number(0), default=0, metavar="N",
                    help="worker processes (default: locally one per core; on a Ray cluster as many as it has room for)")
     g.add_argument("--ray-address", help="address of a running Ray cluster (default: start Ray in-process)")
     if gpus:
         g.add_argument("--gpus-per-worker", type=_share, default=0.0, metavar="N",
                        help="GPUs per model worker. Ray: num_gpus of each actor, locally one actor per share "
-                            "of this machine's GPUs; local Beam: one worker on a GPU; Beam on a cluster: give the "
-                            "runner's accelerator options. Needs JAX with CUDA (pip install -e '.[gpu]'). "
-                            "Default 0: CPU")
+                            "of this machine's GPUs; local Beam: one worker on a GPU; Beam on a cluster: give it "
+                            "too (without it the workers keep JAX on the CPU), with the runner's accelerator "
+                            "options. Needs JAX with CUDA (pip install -e '.[gpu]'). Default 0: CPU")
 
 
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
-    return int(text)
+def whole_number(minimum: int = 0):
+    """An argparse type: a whole number of at least `minimum`, with an error that says so."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number, {minimum} or more, got {text!r}")
+        return int(text)
+    return parse
 
 
 def _share(text: str) -> float:
@@ -331,7 +334,8 @@ def _run_ray(step_cls, step_kwargs, items, opts: EngineOptions, model_batch: int
             pool = ray.data.ActorPoolStrategy(size=min(opts.local_workers, len(items)))
         ds = ray.data.from_items([{"envelope": e} for e in _envelopes(items)], override_num_blocks=len(items))
         # an item whose step kills its worker (out of memory, a crash in native code) is tried on a fresh
-        # worker RAY_TASK_RETRIES more times, then the run ends with the error: Ray Data retries forever
+        # worker RAY_TASK_RETRIES more times, then the run ends with the error: Ray Data retries forever.
+        # It travels as a remote arg, a way Ray deprecates for 2.64 and has no named parameter for yet.
         actors = dict(fn_constructor_args=(step_cls, step_kwargs), compute=pool, max_task_retries=RAY_TASK_RETRIES,
                       num_cpus=1, num_gpus=opts.num_gpus or None)
         if model_batch:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.engines import add_engine_arguments, engine_options, run_step
+from pipelines.engines import add_engine_arguments, engine_options, run_step, whole_number
 from pipelines.errors import JobError
 from pipelines.predictors import FPS, PRECISIONS, ModelSet, check_models
 from transforms import signal
@@ -39,6 +39,7 @@ DEFAULT_MODELS = ("me-chunk:rlap", "me-chunk:pure", "me-flow:rlap", "green", "ch
 PASSES_PIPELINE_ARGS = True
 RECORDINGS_PER_CALL = 4  # default bucket size on CPU; a GPU wants many more (--recordings-per-call)
 BUCKET_MIN_FILL = 0.75  # a bucket's shortest recording is at least this fraction of its longest
+MIN_WINDOW_S = 2.0  # one beat at the lowest rate scored (30 BPM)
 
 PREDICTION_SCHEMA = pa.schema([
     ("recording_id", pa.string()), ("subject_id", pa.string()), ("dataset", pa.string()),
@@ -67,13 +68,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="models", action="append",
                    help=f"model to run, repeatable (default: {' '.join(DEFAULT_MODELS)}); "
                         "ME-rPPG as me-chunk:WEIGHTS or me-flow:WEIGHTS with rlap, pure or a path")
-    p.add_argument("--windows", type=float, nargs="+", default=[10.0, 30.0], metavar="SECONDS",
-                   help="sliding-window lengths for windowed heart rate (default: 10 30), step half a window")
+    p.add_argument("--windows", type=_window_length, nargs="+", default=[10.0, 30.0], metavar="SECONDS",
+                   help=f"sliding-window lengths for windowed heart rate, at least {MIN_WINDOW_S:g} s "
+                        "(default: 10 30), step half a window")
     p.add_argument("--group-by", nargs="*", metavar="KEY",
                    help="metadata keys to break metrics down by (default: every key with at most 12 values)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of subjects (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
-    p.add_argument("--recordings-per-call", type=_positive_int, default=RECORDINGS_PER_CALL, metavar="B",
+    p.add_argument("--bootstrap", type=whole_number(1), default=1000, metavar="N",
+                   help="bootstrap resamples of subjects (default: 1000)")
+    p.add_argument("--seed", type=whole_number(0), default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--recordings-per-call", type=whole_number(1), default=RECORDINGS_PER_CALL, metavar="B",
                    help=f"recordings of similar length run together, one device call per 160 frames of all B "
                         f"(default: {RECORDINGS_PER_CALL}; on a GPU, 32-128)")
     p.add_argument("--precision", choices=PRECISIONS, default="float32",
@@ -82,10 +85,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p, gpus=True)
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return int(text)
+def _window_length(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not MIN_WINDOW_S <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a window length of at least {MIN_WINDOW_S:g} s, got {text!r}")
+    return seconds
 
 
 # ---- the step: a bucket of recordings, every model --------------------------------------------------
@@ -166,7 +173,7 @@ class EvaluateStep:
         for k in range(0, len(rows), n):  # one line per recording: its rows are the models in order
             failed = [r for r in rows[k:k + n] if r["status"] == "failed"]
             state = ("ok" if not failed else f"failed ({failed[0]['reason']})" if len(failed) == n
-                     else "ok but " + "; ".join(f"{r['model']} failed ({r['reason']})" for r in failed))
+                     else "ok but " + "; ".join(r["reason"] for r in failed))  # each reason names its model
             print(f"  {rows[k]['dataset']}/{rows[k]['recording_id']}: {state} (bucket of {len(recordings)}, "
                   f"{seconds:.1f} s)", file=sys.stderr)
         # what the driver needs for metrics: everything but the waveforms
@@ -313,7 +320,9 @@ def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_b
              "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     with atomic_file(f"{out_root}/metrics.parquet", out_fs) as f:
         table = pa.Table.from_pylist(metric_rows, schema=METRICS_SCHEMA)
-        pq.write_table(table.replace_schema_metadata({f"pulsepipe:{k}": v for k, v in about.items()}), f)
+        # the settings that decide the numbers: the same file from either engine
+        settings = {f"pulsepipe:{k}": v for k, v in about.items() if k not in ("engine", "finished")}
+        pq.write_table(table.replace_schema_metadata(settings), f)
     waveforms = _waveforms(out_fs, out_root, worst_recordings(ok))
     report = write_report(output_uri, rows, metric_rows, waveforms, about)
     log("")
@@ -345,19 +354,20 @@ def _merge_parts(fs, parts: str, target: str) -> None:
                     writer.write_table(pq.read_table(part, schema=PREDICTION_SCHEMA))
 
 
-def _waveforms(fs, root: str, wanted: list[tuple[str, str]]) -> dict:
-    """(model, recording_id) -> (t, bvp_pred, bvp_true) of the wanted pairs, read from predictions.parquet."""
+def _waveforms(fs, root: str, wanted: list[tuple[str, str, str]]) -> dict:
+    """(model, dataset, recording_id) -> (t, bvp_pred, bvp_true) of the wanted rows, in the order wanted,
+    read from predictions.parquet."""
     if not wanted:
         return {}
-    out = {}
+    found = {}
     with fs.open(f"{root}/predictions.parquet", "rb") as f:
-        table = pq.read_table(f, columns=["model", "recording_id", "bvp_pred", "bvp_true"],
-                              filters=[("recording_id", "in", sorted({rid for _, rid in wanted}))])
+        table = pq.read_table(f, columns=["model", "dataset", "recording_id", "bvp_pred", "bvp_true"],
+                              filters=[("recording_id", "in", sorted({rid for _, _, rid in wanted}))])
     for r in table.to_pylist():
-        if (r["model"], r["recording_id"]) in wanted:
-            pred = np.asarray(r["bvp_pred"], np.float64)
-            out[(r["model"], r["recording_id"])] = (np.arange(len(pred)) / FPS, pred, np.asarray(r["bvp_true"], np.float64))
-    return out
+        pred = np.asarray(r["bvp_pred"], np.float64)
+        found[(r["model"], r["dataset"], r["recording_id"])] = (np.arange(len(pred)) / FPS, pred,
+                                                                np.asarray(r["bvp_true"], np.float64))
+    return {key: found[key] for key in wanted if key in found}
 
 
 def main(args: argparse.Namespace) -> int:

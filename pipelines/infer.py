@@ -55,15 +55,19 @@ def infer_video(
 
     detector: a transforms.face.FaceDetector to reuse across videos (one is opened per call otherwise).
     """
-    return infer_models(path, ModelSet([model], weights), image_fps=image_fps, detect_every=detect_every,
-                        progress=progress, detector=detector)[model]
+    result = infer_models(path, ModelSet([model], weights), image_fps=image_fps, detect_every=detect_every,
+                          progress=progress, detector=detector)[model]
+    if np.isnan(result.hr_bpm):
+        raise InferError(f"{path}: {model} finds no pulse: its BVP is flat (nothing in 0.5-3 Hz)")
+    return result
 
 
 def infer_models(
     path: str, models: ModelSet | Sequence[str], *, image_fps: float = FPS, detect_every: int = 5,
     progress: bool = False, detector=None,
 ) -> dict[str, InferResult]:
-    """Several models over one decode pass of one video: {model name: InferResult}.
+    """Several models over one decode pass of one video: {model name: InferResult}; a model whose BVP is
+    flat has hr_bpm NaN.
 
     models: model names (ME-rPPG with the rlap weights), or a ModelSet loaded once for many videos.
     """
@@ -91,9 +95,7 @@ def infer_models(
     results = {}
     for name, predictor in predictors.items():
         (bvp,) = predictor.finish()
-        hr, sqi = signal.heart_rate(bvp, FPS, usable=face_found)
-        if np.isnan(hr):
-            raise InferError(f"{path}: {name} finds no pulse: its BVP is flat (nothing in 0.5-3 Hz)")
+        hr, sqi = signal.heart_rate(bvp, FPS, usable=face_found)  # NaN: a flat BVP (see infer_video)
         results[name] = InferResult(path, name, hr, sqi, t, bvp, float(face_found.mean()))
     return results
 

@@ -103,6 +103,8 @@ def parse_models(names, weights: str = "rlap") -> dict[str, tuple[str, str | Non
         raise ValueError(f"no model given; choose from {', '.join(MODEL_NAMES)}")
     specs = {}
     for name in names:
+        if name in specs:
+            raise ValueError(f"model {name!r} is given twice")
         kind, _, w = name.partition(":")
         if kind not in MODEL_NAMES or (w and kind not in ME_NAMES):
             raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)} "

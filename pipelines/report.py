@@ -204,15 +204,15 @@ def plot_waveform(model: str, recording_id: str, t, bvp_pred, bvp_true,
 
 # --- the report -------------------------------------------------------------------------------------
 
-def worst_recordings(prediction_rows, n: int = N_WORST) -> list[tuple[str, str]]:
-    """(model, recording_id) of each model's n recordings with the largest |pred - true| HR error,
-    worst first: the waveforms `write_report` wants."""
+def worst_recordings(prediction_rows, n: int = N_WORST) -> list[tuple[str, str, str]]:
+    """(model, dataset, recording_id) of each model's n recordings with the largest |pred - true| HR
+    error, worst first: the waveforms `write_report` wants."""
     by_model = defaultdict(list)
     for r in prediction_rows:
         if (pair := _pair(r)) is not None:
-            by_model[r["model"]].append((abs(pair[0] - pair[1]), str(r["recording_id"])))
-    return [(model, rec) for model in sorted(by_model)
-            for _, rec in sorted(by_model[model], key=lambda e: (-e[0], e[1]))[:n]]
+            by_model[r["model"]].append((abs(pair[0] - pair[1]), str(r["dataset"]), str(r["recording_id"])))
+    return [(model, dataset, rec) for model in sorted(by_model)
+            for _, dataset, rec in sorted(by_model[model], key=lambda e: (-e[0], e[1], e[2]))[:n]]
 
 
 def _html_table(header: list[str], lines: list[list[str]]) -> str:
@@ -264,8 +264,8 @@ def write_report(out_uri, prediction_rows, metric_rows, waveforms: dict | None =
 
     prediction_rows: per (recording, model) rows (model, dataset, subject_id, recording_id, hr_pred,
     hr_true; status and reason where some failed). metric_rows: `transforms.metrics.metrics_table`
-    output. waveforms: (model, recording_id) -> (t seconds, bvp_pred, bvp_true) for the recordings to
-    show (`worst_recordings`), shown worst first. about: what produced the run (seed, models, input, ...),
+    output. waveforms: (model, dataset, recording_id) -> (t seconds, bvp_pred, bvp_true) for the
+    recordings to show (`worst_recordings`), in that order within each model. about: what produced the run (seed, models, input, ...),
     shown as given. PNGs of an earlier report in the same folder are removed.
     """
     fs, root = fsspec.core.url_to_fs(str(out_uri))
@@ -325,18 +325,15 @@ def write_report(out_uri, prediction_rows, metric_rows, waveforms: dict | None =
     if waveforms:
         parts.append("<h2>Worst recordings</h2><p>Each model's recordings with the largest HR errors. "
                      "Waveforms band-passed (0.5-3 Hz) and standardised.</p>")
-        hr = {(r["model"], str(r["recording_id"])): r for r in prediction_rows}
-        abs_error = {k: abs(p[0] - p[1]) for k, r in hr.items() if (p := _pair(r)) is not None}
+        rows = {(r["model"], str(r["dataset"]), str(r["recording_id"])): r for r in prediction_rows}
         order = {m: i for i, m in enumerate(models)}
-        shown = sorted(waveforms, key=lambda k: (order.get(k[0], len(order)), -abs_error.get((k[0], str(k[1])), 0.0),
-                                                 str(k[1])))
-        for i, key in enumerate(shown):  # per model, worst first
-            model, recording_id = key[0], str(key[1])
-            row = hr.get((model, recording_id), {})
-            fig = plot_waveform(model, recording_id, *waveforms[key], hr_pred=row.get("hr_pred"),
-                                hr_true=row.get("hr_true"))
+        shown = sorted(waveforms, key=lambda k: order.get(k[0], len(order)))  # stable: each model's as given
+        for i, (model, dataset, recording_id) in enumerate(shown):
+            row = rows.get((model, dataset, recording_id), {})
+            fig = plot_waveform(model, f"{dataset}/{recording_id}", *waveforms[(model, dataset, recording_id)],
+                                hr_pred=row.get("hr_pred"), hr_true=row.get("hr_true"))
             parts.append(image(fig, f"waveform_{i:02d}_{_slug(model)}_{_slug(recording_id)}.png",
-                               f"waveforms of {model} on {recording_id}"))
+                               f"waveforms of {model} on {dataset}/{recording_id}"))
 
     parts.append("<h2>Per subject</h2><p>Subject MAE = mean of the subject's recording absolute errors (BPM); "
                  "- where a model scored none of the subject's recordings (see Failed).</p>")

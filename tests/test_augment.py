@@ -262,3 +262,19 @@ def test_arguments_and_help_say_output_holds_only_new_recordings():
     assert "only the augmented recordings" in p.format_help()
     with pytest.raises(JobError, match="must differ"):
         job.run_augment("/tmp/x", "/tmp/x/", EngineOptions())
+
+
+def test_a_source_whose_truth_is_flat_or_has_gaps(monkeypatch):
+    from transforms.shards import Segment
+
+    t = np.arange(600) / FPS
+    with_gap = np.sin(2 * np.pi * 1.5 * t)
+    with_gap[200:230] = np.nan  # the sensor dropped out for a second
+    truths = {"flat": np.full(600, 0.7), "gap": with_gap}
+    blank = Segment(**dict.fromkeys(Segment._fields))
+    monkeypatch.setattr(job, "read_segments", lambda uri, fs, columns=None: iter(
+        [blank._replace(recording_id=uri.rsplit("/", 1)[1], bvp=truths[uri.rsplit("/", 1)[1]])]))
+    assert job.source_heart_rate({"shard": "flat", "recording_id": "flat"}, None, "/x") == (
+        None, "ground truth is flat (nothing in 0.5-3 Hz)")
+    hr, why = job.source_heart_rate({"shard": "gap", "recording_id": "gap"}, None, "/x")
+    assert why is None and hr == pytest.approx(90, abs=1)

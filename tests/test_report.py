@@ -27,21 +27,27 @@ def cohort():
     metric_rows = metrics.metrics_table(rows, ["motion"], n_boot=100)
     t = np.arange(int(20 * FS)) / FS
     waveforms = {}
-    for model, recording_id in report.worst_recordings(rows, n=2):
+    for model, dataset, recording_id in report.worst_recordings(rows, n=2):
         row = next(r for r in rows if r["model"] == model and r["recording_id"] == recording_id)
         bvp_pred = np.sin(2 * np.pi * row["hr_pred"] / 60 * t) + 0.3 * rng.normal(size=t.size)
-        waveforms[(model, recording_id)] = (t, bvp_pred, np.sin(2 * np.pi * row["hr_true"] / 60 * t))
+        waveforms[(model, dataset, recording_id)] = (t, bvp_pred, np.sin(2 * np.pi * row["hr_true"] / 60 * t))
     return rows, metric_rows, waveforms
 
 
 def test_worst_recordings_are_per_model_largest_errors_first(cohort):
     rows, _, _ = cohort
     worst = report.worst_recordings(rows, n=2)
-    assert [m for m, _ in worst] == ["me_rppg", "me_rppg", "pos", "pos"]
+    assert [m for m, _, _ in worst] == ["me_rppg", "me_rppg", "pos", "pos"]
     errors = {(r["model"], r["recording_id"]): abs(r["hr_pred"] - r["hr_true"]) for r in rows}
-    pos = [r for m, r in worst if m == "pos"]
+    pos = [r for m, _, r in worst if m == "pos"]
     assert errors[("pos", pos[0])] == max(e for (m, _), e in errors.items() if m == "pos")
     assert errors[("pos", pos[0])] >= errors[("pos", pos[1])]
+
+
+def test_a_recording_id_in_two_datasets_is_two_recordings():
+    rows = [dict(model="pos", dataset=d, subject_id="1", recording_id="v1", hr_pred=70.0 + k, hr_true=70.0)
+            for k, d in enumerate(("PURE", "UBFC"))]
+    assert report.worst_recordings(rows, n=2) == [("pos", "UBFC", "v1"), ("pos", "PURE", "v1")]
 
 
 def test_write_report_links_valid_pngs_and_shows_the_cohort_numbers(cohort, tmp_path):

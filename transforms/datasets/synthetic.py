@@ -87,7 +87,7 @@ def frame_blocks(rec: Recording, local: dict[str, str], block: int) -> Iterator[
 def _metadata(meta: dict) -> dict:
     """Flat facts of meta.json: its scalars of METADATA_KEYS, the subject's skin tone and HR, the nuisances,
     and the tone and head motion named in bands (`skin` light / medium / dark by thirds of the tone,
-    `motion` small / large, below or above 2.5 px), the groups evaluation breaks its metrics down by."""
+    `motion` small below 2.5 px, large from there), the groups evaluation breaks its metrics down by."""
     subject, recording = meta.get("subject", {}), meta.get("recording", {})
     out = {k: meta[k] for k in METADATA_KEYS if k in meta}
     if "skin_tone" in subject:
