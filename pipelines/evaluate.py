@@ -313,6 +313,7 @@ def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_b
     keys = default_group_keys(ok) if group_by is None else group_by
     window_pairs = [{**r, **w} for r in ok for w in r["windows"]]  # a window's length_s, hr_pred, hr_true
     metric_rows = metrics_table(scored, keys, windows=window_pairs, n_boot=n_boot, seed=seed)
+    metric_rows.sort(key=lambda r: models.index(r["model"]))  # stable: the command line's order, then the table's
     about = {"pulsepipe": package_version(), "input": input_uri, "models": " ".join(models),
              "precision": precision, "windows (s)": " ".join(f"{w:g}" for w in windows),
              "bootstrap resamples": str(n_boot), "bootstrap seed": str(seed), "engine": f"{opts.engine}, {device}",

@@ -104,7 +104,7 @@ def format_subject_table(metric_rows) -> str:
     """Fixed-width table, one line per subject with each model's MAE (BPM), then one cohort line per
     dataset with each model's MAE [95% CI]."""
     subjects = _levels(metric_rows, "subject")
-    models = sorted({r["model"] for r in subjects} | {r["model"] for r in _levels(metric_rows, "cohort")})
+    models = list(dict.fromkeys(r["model"] for r in subjects + _levels(metric_rows, "cohort")))  # as the rows
     mae = {(r["dataset"], r["subject_id"], r["model"]): r["mae"] for r in subjects}
     keys = sorted({(r["dataset"], r["subject_id"]) for r in subjects})
     lines = [[str(d), str(s)] + [_num(mae.get((d, s, m))) for m in models] for d, s in keys]
@@ -252,8 +252,9 @@ _LEVELS_HTML = """<p>Heart rates (HR, beats per minute, BPM) come from each reco
 ground-truth BVP by the same recipe (band-pass 0.5-3 Hz, Welch peak); frames without a face or ground truth
 are left silent. Levels: <b>recording</b> (one HR pair per recording and model, in predictions.parquet and
 metrics.parquet); <b>subject</b>, the mean over the subject's recordings; <b>cohort</b>, the recordings of one
-dataset pooled; <b>window</b>, the HR pairs of sliding windows pooled. Intervals in brackets are 95% percentile bootstrap intervals that resample subjects, whose
-recordings share a face, camera and session (none with fewer than 2 subjects). SNR: power within 0.1 Hz of
+dataset pooled; <b>window</b>, the HR pairs of sliding windows pooled. Intervals in brackets are 95% percentile
+bootstrap intervals that resample subjects, whose recordings share a face, camera and session (none with
+fewer than 2 subjects). SNR: power within 0.1 Hz of
 the true HR and its first harmonic over the rest of 0.5-3 Hz, in dB (de Haan &amp; Jeanne 2013).
 Bland-Altman: bias = mean(predicted - true), limits of agreement = bias &plusmn; 1.96 sd.</p>"""
 
@@ -265,8 +266,8 @@ def write_report(out_uri, prediction_rows, metric_rows, waveforms: dict | None =
     prediction_rows: per (recording, model) rows (model, dataset, subject_id, recording_id, hr_pred,
     hr_true; status and reason where some failed). metric_rows: `transforms.metrics.metrics_table`
     output. waveforms: (model, dataset, recording_id) -> (t seconds, bvp_pred, bvp_true) for the
-    recordings to show (`worst_recordings`), in that order within each model. about: what produced the run (seed, models, input, ...),
-    shown as given. PNGs of an earlier report in the same folder are removed.
+    recordings to show (`worst_recordings`), in that order within each model. about: what produced the
+    run (seed, models, input, ...), shown as given. PNGs of an earlier report in the same folder are removed.
     """
     fs, root = fsspec.core.url_to_fs(str(out_uri))
     root = root.rstrip("/")

@@ -155,8 +155,8 @@ def heart_rate(bvp, fs: float, bpm_range=BPM_RANGE, usable=None) -> tuple[float,
 
     HR is the Welch peak of the band-passed, standardised waveform, NaN when nothing is left in the band
     (a flat waveform); SQI scores the raw waveform, as open-rppg does. usable: (N,) bool, the samples to
-    score (default: all): the HR's with gaps silenced as `postprocess_bvp` does, the SQI's joined. Predicted and ground-truth BVP go
-    through this same function.
+    score (default: all): the HR's with gaps silenced as `postprocess_bvp` does, the SQI's joined.
+    Predicted and ground-truth BVP go through this same function.
     """
     x = postprocess_bvp(bvp, fs, usable=usable)
     raw = np.asarray(bvp, dtype=np.float64)
