@@ -144,7 +144,7 @@ def source_heart_rate(row: dict, fs, root: str) -> tuple[float | None, str | Non
     bvp = np.concatenate(parts)
     finite = np.isfinite(bvp)  # truth may stop short of the video's ends (NaN there)
     try:
-        hr = heart_rate(np.where(finite, bvp, 0.0), FPS, usable=finite)[0]
+        hr = heart_rate(bvp, FPS, usable=finite)[0]
     except ValueError as e:
         return None, f"ground truth unusable: {e}"
     return (None, "ground truth is flat (nothing in 0.5-3 Hz)") if np.isnan(hr) else (hr, None)
