@@ -217,7 +217,13 @@ def run_preprocess(layout: str, input_uri: str, output_uri: str, config: dict, o
     started = time.perf_counter()
     in_fs, root = fsspec.core.url_to_fs(input_uri)
     out_fs, out_root = fsspec.core.url_to_fs(output_uri)
-    records = adapter(layout).list_recordings(root, in_fs)
+    module = adapter(layout)
+    try:
+        records = module.list_recordings(root, in_fs)
+    except FileNotFoundError as e:
+        raise JobError(str(e)) from None
+    if not records:
+        raise JobError(f"{input_uri}: no {layout} recordings found; the layout is {module.LAYOUT}")
     manifest_uri = f"{out_root.rstrip('/')}/manifest.parquet"
     previous = read_manifest(manifest_uri, out_fs)
     cfg_hash = config_hash({"layout": layout, **config})

@@ -121,17 +121,18 @@ def write_ubfc_rppg(root: Path, broken: dict[str, str] | None = None) -> dict[st
         expected[name] = Expected(name, (f"{name}/vid.avi", f"{name}/ground_truth.txt"), _frame_times(), clip.frames,
                                   truth.t_s[:keep], truth.ppg[:keep], {"ground_truth_format": "DATASET_2"},
                                   (kind, f"{name}/ground_truth.txt") if kind else None)
-    # DATASET_1: gtdump.xmp rows of time (ms), HR, SpO2, PPG at 60 Hz, the oximeter's clock starting at 1234 ms
+    # DATASET_1: gtdump.xmp rows of time (ms from the first frame), HR, SpO2, PPG at 60 Hz, starting at 11 ms
+    # as real files do
     clip, name = clips(1, 12)[0], "subject3"
     kind = broken.get(name)
     write_video(root / name / "vid.avi", clip.frames, "ffv1")
     t = np.arange(_kept(kind, int(SECONDS * 60))) / 60.0
     ppg = np.round(clip.ppg(t) * 100.0)
-    rows = "".join(f"{1234 + round(s * 1000)},72,98,{int(v)}\n" for s, v in zip(t, ppg))
+    rows = "".join(f"{11 + round(s * 1000)},72,98,{int(v)}\n" for s, v in zip(t, ppg))
     _write_truth(root / name / "gtdump.xmp", rows, kind)
-    t_ms = np.array([round(s * 1000) for s in t], np.float64)
+    t_ms = np.array([11 + round(s * 1000) for s in t], np.float64)
     expected[name] = Expected(name, (f"{name}/vid.avi", f"{name}/gtdump.xmp"), _frame_times(), clip.frames,
-                              t_ms / 1000 - t_ms[0] / 1000, ppg, {"ground_truth_format": "DATASET_1"},
+                              t_ms / 1000, ppg, {"ground_truth_format": "DATASET_1"},
                               (kind, f"{name}/gtdump.xmp") if kind else None)
     return expected
 

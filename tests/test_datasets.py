@@ -171,6 +171,33 @@ def test_ubfc_folder_without_video_is_listed_with_its_problem(tmp_path):
     assert rec.recording_id == "subject5" and rec.problem == f"{tmp_path}/subject5/vid.avi: missing"
 
 
+def test_ubfc_dataset_1_names_its_videos_and_subjects_otherwise(tmp_path):
+    for folder, videos in (("5-gt", ["vid_5gt.avi"]), ("after-exercise", ["vid.avi"]), ("10-gt", ["a.avi", "b.avi"])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "gtdump.xmp").write_text("11,72,98,100\n28,72,98,101\n")
+        for v in videos:
+            (tmp_path / folder / v).write_bytes(b"")
+    recs = {r.recording_id: r for r in adapter("ubfc-rppg").list_recordings(str(tmp_path), LOCAL)}
+    assert {k: r.subject_id for k, r in recs.items()} == {"10-gt": "10", "5-gt": "5", "after-exercise": "10"}
+    assert recs["5-gt"].video == f"{tmp_path}/5-gt/vid_5gt.avi" and recs["5-gt"].problem is None
+    assert recs["10-gt"].problem == f"{tmp_path}/10-gt: 2 videos, none named vid.avi (a.avi, b.avi): which is the recording?"
+
+
+def test_an_empty_pure_session_folder_says_so(tmp_path):
+    (tmp_path / "06-02").mkdir()
+    [rec] = adapter("pure").list_recordings(str(tmp_path), LOCAL)
+    assert rec.problem.startswith(f"{tmp_path}/06-02: empty folder, no frames and no 06-02.json")
+
+
+def test_rlap_prefers_physrecorders_lossless_files(tmp_path):
+    folder = tmp_path / "p001" / "R1"
+    folder.mkdir(parents=True)
+    for name in ("video_ZIP_H264.mp4", "video_ZIP_RAW_BGRA.avi", "video_RAW_YUV420.avi", "BVP.csv", "frames_timestamp.csv"):
+        (folder / name).write_bytes(b"")
+    [rec] = adapter("rlap").list_recordings(str(tmp_path), LOCAL)
+    assert rec.video.endswith("/p001/R1/video_RAW_YUV420.avi")  # raw I420, as PhysRecorder names it
+
+
 def test_rlap_frame_times_must_match_the_decoded_frames(dataset, tmp_path):
     root, _ = dataset("rlap")
     module = adapter("rlap")
@@ -187,3 +214,8 @@ def test_rlap_frame_times_must_match_the_decoded_frames(dataset, tmp_path):
 def test_missing_root_is_an_error_naming_it(layout, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such dataset folder"):
         adapter(layout).list_recordings(str(tmp_path / "absent"), LOCAL)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_says_what_its_root_holds(layout):
+    assert adapter(layout).LAYOUT.startswith("ROOT/")  # the error for an input without recordings quotes it

@@ -173,3 +173,15 @@ def test_a_bad_config_is_one_line_naming_the_file(tmp_path, capsys, text, said):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"pulsepipe preprocess: error: {config}: {said}") and len(err.splitlines()) == 1, err
+
+
+def test_an_input_without_recordings_is_one_line_saying_what_the_layout_wants(tmp_path, capsys):
+    from pipelines import cli
+
+    (tmp_path / "DATASET_2" / "subject1").mkdir(parents=True)  # the parent of the dataset's root
+    for root, said in ((tmp_path, "no ubfc-rppg recordings found; the layout is ROOT/<subject>/ holding vid.avi"),
+                       (tmp_path / "nowhere", "no such dataset folder")):
+        argv = ["preprocess", "--layout", "ubfc-rppg", "--input", str(root), "--output", str(tmp_path / "out")]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"pulsepipe preprocess: error: {root}: {said}") and len(err.splitlines()) == 1, err

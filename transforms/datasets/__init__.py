@@ -2,6 +2,9 @@
 
 Every adapter module (`transforms/datasets/<layout>.py`, layout name with '-' as '_') provides:
 
+    DATASET, LAYOUT
+        The dataset's name in shards and manifests; the layout in one line, for the error when a root
+        holds no recording.
     list_recordings(root: str, fs: fsspec.AbstractFileSystem) -> list[Recording]
         Every recording under `root`, sorted by recording_id. Cheap: lists and stats files, reads no video.
         A recording whose files are incomplete (e.g. video without ground truth) is still listed, with

@@ -19,6 +19,8 @@ from transforms.datasets import Recording, root_path, uri_under, video_frame_blo
 from transforms.video import IMAGE_SUFFIXES, iter_blocks
 
 DATASET = "folder"
+# what --input must hold, said when it holds none
+LAYOUT = "ROOT/**/<name>.mp4 (or .avi, .mov, .mkv, .webm), or folders of image frames"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 FOLDER_FPS = 30.0  # assumed rate of image-frame folders
 

@@ -26,6 +26,8 @@ from transforms.datasets import Recording, Truth, TruthError, checked_truth, rea
 from transforms.video import IMAGE_SUFFIXES, VideoError, iter_blocks
 
 DATASET = "pure"
+# what --input must hold, said when it holds none
+LAYOUT = "ROOT/NN-MM/ (PNG frames) with ROOT/NN-MM.json"
 SESSION = re.compile(r"(\d+)-(\d+)")
 FRAME_NAME = re.compile(r"Image(\d+)\.png")
 TASKS = {  # the six setups of the PURE paper, by task code MM
@@ -55,6 +57,8 @@ def list_recordings(root: str, fs) -> list[Recording]:
         problem = None
         if not has_frames:
             problem = f"{frames_uri}: missing frame folder"
+        elif not has_truth and not fs.ls(f"{base}/{frames}", detail=False):
+            problem = f"{frames_uri}: empty folder, no frames and no {name}.json (as 06-02 in the public release)"
         elif not has_truth:
             problem = f"{truth_uri}: missing"
         files = tuple(u for u, present in ((frames_uri, has_frames), (truth_uri, has_truth)) if present)

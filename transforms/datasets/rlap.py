@@ -26,10 +26,13 @@ from transforms.datasets import Recording, Truth, TruthError, checked_truth, rea
 from transforms.video import VideoError, iter_blocks
 
 DATASET = "rlap"
+# what --input must hold, said when it holds none
+LAYOUT = "ROOT/p<NNN>/<task>/ holding video_*.avi|mp4 or pictures_ZIP_RAW_RGB/, BVP.csv, frames_timestamp.csv"
 BVP, FRAME_TIMES, PICTURES = "BVP.csv", "frames_timestamp.csv", "pictures_ZIP_RAW_RGB"
-# Lossless sources first: the pulse is a change of a few grey levels that lossy codecs erase.
-VIDEO_PREFERENCE = ("video_RAW_RGBA.avi", "video_RAW_I420.avi", PICTURES, "video_ZIP_H264.mp4",
-                    "video_ZIP_H264.avi", "video_ZIP_MJPG.avi")
+# Lossless sources first: the pulse is a change of a few grey levels that lossy codecs erase. The names
+# are those PhysRecorder writes for each codec (raw RGBA, raw I420, FFV1, PNG frames, H.264, MJPG).
+VIDEO_PREFERENCE = ("video_RAW_RGBA.avi", "video_RAW_YUV420.avi", "video_ZIP_RAW_BGRA.avi", PICTURES,
+                    "video_ZIP_H264.mp4", "video_ZIP_H264.avi", "video_ZIP_MJPG.avi")
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov")
 TASKS = {  # the experiment procedure of the RLAP README
     "R1": "relaxed", "R2": "relaxed (dark)", "R3": "play a game", "R4": "read an article",

@@ -23,6 +23,8 @@ from transforms.datasets import (Recording, Truth, TruthError, checked_truth, re
                                  video_frame_blocks)
 
 DATASET = "synthetic"
+# what --input must hold, said when it holds none
+LAYOUT = "ROOT/<subject_id>/<recording_id>/ holding video.mp4|avi, ppg.csv, meta.json"
 PPG, META = "ppg.csv", "meta.json"
 VIDEO_NAMES = ("video.mp4", "video.avi")
 METADATA_KEYS = ("seed", "codec", "fps", "n_frames", "width", "height", "seconds", "ppg_rate_hz", "true_mean_hr_bpm")

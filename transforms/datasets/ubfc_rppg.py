@@ -5,12 +5,15 @@
                                       PPG sample: PPG, HR (BPM), time (s)
     ROOT/<subject>/gtdump.xmp         DATASET_1 instead: CSV rows of time (ms), HR, SpO2, PPG
 
-Every immediate subfolder holding one of these files is one recording; its name (`subject1`, ...) is both
-the subject id and the recording id. Other files at the top (`cohort.json` of `pulsepipe synth`) are ignored.
+Every immediate subfolder holding one of these files is one recording, its folder name the recording id.
+Some copies of DATASET_1 name the video otherwise (`vid-12.avi`, `vid_5gt.avi`): without vid.avi, the
+folder's only .avi is the video. The subject id is the folder name, except in DATASET_1, whose folders are
+`<N>-gt` (subject N) and `after-exercise` (subject 10 again, after exercise; a split must keep the two
+together). Other files at the top (`cohort.json` of `pulsepipe synth`) are ignored.
 
-Truth time: the oximeter was read alongside the camera, its first sample taken at the first frame, so
-t_s = time - time[0]. read_truth reads the frame count and rate from vid.avi's header (no decoding) to
-check that the truth covers the video.
+Truth time: the file's times, in seconds from the first frame, as the dataset authors' own reader takes
+them. read_truth reads the frame count and rate from the video's header (no decoding) to check that the
+truth covers the video.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from transforms.datasets import (Recording, Truth, TruthError, checked_truth, re
                                  video_frame_blocks)
 
 DATASET = "ubfc-rppg"
+# what --input must hold, said when it holds none
+LAYOUT = "ROOT/<subject>/ holding vid.avi and ground_truth.txt (DATASET_2) or gtdump.xmp (DATASET_1)"
 VIDEO = "vid.avi"
 TRUTH_FILES = ("ground_truth.txt", "gtdump.xmp")  # DATASET_2 first: when both exist it is the one read
 
@@ -41,15 +46,18 @@ def list_recordings(root: str, fs) -> list[Recording]:
             continue  # not a recording folder
         name = folder.rsplit("/", 1)[-1]
         uri = uri_under(root, base, folder)
-        video = f"{uri}/{VIDEO}"
+        videos = [VIDEO] if VIDEO in names else sorted(n for n in names if n.lower().endswith(".avi"))
+        video = f"{uri}/{videos[0] if len(videos) == 1 else VIDEO}"
         problem = None
-        if VIDEO not in names:
+        if not videos:
             problem = f"{video}: missing"
+        elif len(videos) > 1:
+            problem = f"{uri}: {len(videos)} videos, none named {VIDEO} ({', '.join(videos)}): which is the recording?"
         elif truth is None:
             problem = f"{uri}/{TRUTH_FILES[0]}: missing (no {TRUTH_FILES[1]} either)"
-        files = tuple(f"{uri}/{n}" for n in (VIDEO, truth) if n in names)
+        files = tuple(f"{uri}/{n}" for n in (videos[0] if len(videos) == 1 else None, truth) if n in names)
         metadata = {"ground_truth_format": {"ground_truth.txt": "DATASET_2", "gtdump.xmp": "DATASET_1"}.get(truth)}
-        recordings.append(Recording(DATASET, name, name, video, files, metadata, problem))
+        recordings.append(Recording(DATASET, subject_of(name), name, video, files, metadata, problem))
     return sorted(recordings, key=lambda r: r.recording_id)
 
 
@@ -62,7 +70,14 @@ def read_truth(rec: Recording, fs) -> Truth:
         time_s, ppg = _parse_gtdump(truth_uri, raw)
     else:
         time_s, ppg = _parse_ground_truth_txt(truth_uri, raw)
-    return checked_truth(truth_uri, time_s - time_s[0], ppg, _video_end_s(fs, rec.video))
+    return checked_truth(truth_uri, time_s, ppg, _video_end_s(fs, rec.video))
+
+
+def subject_of(folder: str) -> str:
+    """The subject of a recording folder: `5-gt` -> `5`, `after-exercise` -> `10`, others as named."""
+    if folder == "after-exercise":
+        return "10"
+    return folder.removesuffix("-gt")
 
 
 def frame_blocks(rec: Recording, local: dict[str, str], block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -29,6 +29,8 @@ from transforms.datasets import (Recording, Truth, TruthError, checked_truth, re
                                  video_frame_blocks)
 
 DATASET = "vitalvideo"
+# what --input must hold, said when it holds none
+LAYOUT = "ROOT/<GUID>.json beside ROOT/<GUID>_<k>.mp4"
 TAKE = re.compile(r"(.+)_(\d+)\.mp4")
 
 
