@@ -66,7 +66,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, gpus: bool = False) -> None
                    help="worker processes (default: locally one per core; on a Ray cluster as many as it has room for)")
     g.add_argument("--ray-address", help="address of a running Ray cluster (default: start Ray in-process)")
     if gpus:
-        g.add_argument("--gpus-per-worker", type=_share, default=0.0, metavar="N",
+        g.add_argument("--gpus-per-worker", type=number_at_least(0, "a number of GPUs (0.5: two workers share one)"),
+                       default=0.0, metavar="N",
                        help="GPUs per model worker. Ray: num_gpus of each actor, locally one actor per share "
                             "of this machine's GPUs; local Beam: one worker on a GPU; Beam on a cluster: give it "
                             "too (without it the workers keep JAX on the CPU), with the runner's accelerator "
@@ -82,15 +83,17 @@ def whole_number(minimum: int = 0):
     return parse
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of GPUs, 0 or more (0.5: two workers share one), "
-                                         f"got {text!r}")
-    return value
+def number_at_least(minimum: float, what: str):
+    """An argparse type: a finite number of at least `minimum`; the error names `what` it is."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not minimum <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what} of at least {minimum:g}, got {text!r}")
+        return value
+    return parse
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.engines import add_engine_arguments, engine_options, run_step, whole_number
+from pipelines.engines import add_engine_arguments, engine_options, number_at_least, run_step, whole_number
 from pipelines.errors import JobError
 from pipelines.predictors import FPS, PRECISIONS, ModelSet, check_models
 from transforms import signal
@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="models", action="append",
                    help=f"model to run, repeatable (default: {' '.join(DEFAULT_MODELS)}); "
                         "ME-rPPG as me-chunk:WEIGHTS or me-flow:WEIGHTS with rlap, pure or a path")
-    p.add_argument("--windows", type=_window_length, nargs="+", default=[10.0, 30.0], metavar="SECONDS",
+    p.add_argument("--windows", type=number_at_least(MIN_WINDOW_S, "a window length in seconds"), nargs="+", default=[10.0, 30.0], metavar="SECONDS",
                    help=f"sliding-window lengths for windowed heart rate, at least {MIN_WINDOW_S:g} s "
                         "(default: 10 30), step half a window")
     p.add_argument("--group-by", nargs="*", metavar="KEY",
@@ -83,16 +83,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ME-rPPG convolutions in float32 (the published model, default) or bfloat16 (faster on "
                         "GPUs; the parity bound is in tests/test_model_parity.py)")
     add_engine_arguments(p, gpus=True)
-
-
-def _window_length(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not MIN_WINDOW_S <= seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a window length of at least {MIN_WINDOW_S:g} s, got {text!r}")
-    return seconds
 
 
 # ---- the step: a bucket of recordings, every model --------------------------------------------------

@@ -113,12 +113,17 @@ def parse_models(names, weights: str = "rlap") -> dict[str, tuple[str, str | Non
     return specs
 
 
+def _me_weights(specs: dict[str, tuple[str, str | None]]) -> list[str]:
+    """The distinct ME weights that `parse_models`'s specs name, sorted."""
+    return sorted({w for _, w in specs.values() if w is not None})
+
+
 def check_models(names, weights: str = "rlap") -> None:
     """Raise ValueError, naming the model or the weights file, for what `ModelSet(names)` would fail on:
     a driver checks here before it starts workers. Reads each ME weights file (no JAX, no compile)."""
     from model.weights import load_params
 
-    for w in sorted({w for _, w in parse_models(names, weights).values() if w is not None}):
+    for w in _me_weights(parse_models(names, weights)):
         try:
             load_params(w)
         except FileNotFoundError as e:
@@ -140,16 +145,16 @@ class ModelSet:
         self.names = tuple(names)
         self._specs = parse_models(self.names, weights)
         self._me = {}
-        for kind, w in self._specs.values():
-            if kind in ME_NAMES and w not in self._me:
-                import jax
+        me_weights = _me_weights(self._specs)
+        if me_weights:  # the baselines need no JAX
+            import jax
 
-                import model
+            import model
 
-                if cpu_only:
-                    jax.config.update("jax_platforms", "cpu")  # before JAX's first use in the process
-                use_compile_cache()
-                self._me[w] = model.load("me-rppg", weights=w, precision=precision)
+            if cpu_only:
+                jax.config.update("jax_platforms", "cpu")  # before JAX's first use in the process
+            use_compile_cache()
+            self._me = {w: model.load("me-rppg", weights=w, precision=precision) for w in me_weights}
 
     def predictors(self, batch: int = 1) -> dict:
         """{name: predictor} with fresh state, for `batch` recordings run in lockstep."""

@@ -179,10 +179,11 @@ def _for_display(t: np.ndarray, bvp) -> np.ndarray:
     finite = np.isfinite(bvp)
     fs = 1.0 / float(np.median(np.diff(t)))
     try:
-        return signal.postprocess_bvp(np.where(finite, bvp, 0.0), fs, usable=finite)
+        return signal.postprocess_bvp(bvp, fs, usable=finite)
     except ValueError:
         out = np.zeros_like(bvp)
-        out[finite] = (bvp[finite] - bvp[finite].mean()) / (bvp[finite].std() or 1.0) if finite.any() else 0.0
+        if finite.any():
+            out[finite] = (bvp[finite] - bvp[finite].mean()) / (bvp[finite].std() or 1.0)
         return out
 
 
@@ -254,9 +255,8 @@ are left silent. Levels: <b>recording</b> (one HR pair per recording and model, 
 metrics.parquet); <b>subject</b>, the mean over the subject's recordings; <b>cohort</b>, the recordings of one
 dataset pooled; <b>window</b>, the HR pairs of sliding windows pooled. Intervals in brackets are 95% percentile
 bootstrap intervals that resample subjects, whose recordings share a face, camera and session (none with
-fewer than 2 subjects). SNR: power within 0.1 Hz of
-the true HR and its first harmonic over the rest of 0.5-3 Hz, in dB (de Haan &amp; Jeanne 2013).
-Bland-Altman: bias = mean(predicted - true), limits of agreement = bias &plusmn; 1.96 sd.</p>"""
+fewer than 2 subjects). SNR: power within 0.1 Hz of the true HR and its first harmonic over the rest of
+0.5-3 Hz, in dB (de Haan &amp; Jeanne 2013). Bland-Altman: bias = mean(predicted - true), limits of agreement = bias &plusmn; 1.96 sd.</p>"""
 
 
 def write_report(out_uri, prediction_rows, metric_rows, waveforms: dict | None = None,
