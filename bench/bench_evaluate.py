@@ -11,8 +11,8 @@ Every measurement runs in a fresh subprocess of this Python. It measures:
 2. step: `EvaluateStep` called directly in the same process (no engine) on the same recordings, one per
    call, warm-up excluded the same way: the step's own work (heart rates, windows, its part file) over bare
    inference;
-3. engines: `run_evaluate(input, output, ("me-chunk:rlap",), [10.0], EngineOptions(engine, workers=W),
-   n_boot=100, recordings_per_call=1)` for each engine and W; wall time and frames/s. The fixed cost is
+3. engines: `run_evaluate(EvaluateSettings(input, output, ("me-chunk:rlap",), (10.0,), n_boot=100,
+   recordings_per_call=1), EngineOptions(engine, workers=W))` for each engine and W; wall time and frames/s. The fixed cost is
    the wall time of the same call on W tiny recordings (--tiny-seconds each, one per worker, so each worker
    starts and loads the model; the compiled model comes from a compile cache that the direct run of 1
    filled, as on every run after a machine's first); it includes their few frames of inference and the driver's
@@ -124,7 +124,7 @@ def infer_bucket(models, input_uri: str, bucket: list[dict]) -> int:
     fs, root = fsspec.core.url_to_fs(input_uri)
     streams = [((seg.frames, seg.face_found) for seg in read_segments(f"{root.rstrip('/')}/{i['shard']}", fs,
                                                                       columns=None)) for i in bucket]
-    outputs = [p.finish() for p in models.feed(streams).values()]
+    outputs = [p.finish() for p in models.feed(streams).predictors.values()]
     return sum(len(b) for b in outputs[0])
 
 
@@ -178,7 +178,7 @@ def child_engine(spec: dict) -> dict:
 
     opts = EngineOptions(spec["engine"], workers=spec["workers"])
     clock = StageClock()
-    patches = [  # metrics_table and write_report are imported inside run_evaluate: patch their modules
+    patches = [  # metrics_table and write_report are imported inside evaluate's phases: patch their modules
         mock.patch.object(evaluate, "run_step", clock.function("run_step", evaluate.run_step)),
         mock.patch.object(evaluate, "_merge_parts", clock.function("merge", evaluate._merge_parts)),
         mock.patch.object(metrics, "metrics_table", clock.function("metrics", metrics.metrics_table)),
@@ -191,8 +191,9 @@ def child_engine(spec: dict) -> dict:
     jiffies, t0 = _machine_jiffies(), time.perf_counter()
     # one recording per call, as the direct run and the fixed-cost run (whose W tiny recordings make
     # buckets of one) do: a bucket of 4 would compile a second shape inside the timed run
-    result = evaluate.run_evaluate(spec["input"], spec["output"], MODELS, list(WINDOWS), opts,
-                                   n_boot=spec["n_boot"], recordings_per_call=1, log=quiet)
+    settings = evaluate.EvaluateSettings(spec["input"], spec["output"], MODELS, WINDOWS, n_boot=spec["n_boot"],
+                                         recordings_per_call=1)
+    result = evaluate.run_evaluate(settings, opts, log=quiet)
     wall = time.perf_counter() - t0
     busy = _busy_cores(jiffies, _machine_jiffies())
     for p in patches:

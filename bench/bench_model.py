@@ -68,7 +68,7 @@ def bench_ours(n_flow: int, n_warm: int, n_video: int, chunk_repeats: int) -> di
     import jax.numpy as jnp
 
     import model
-    from model.me_rppg import flow_step, state_bytes
+    from model import flow_step, state_bytes
 
     frames = np.random.default_rng(0).integers(0, 256, (n_video, 36, 36, 3), dtype=np.uint8)
     m = model.load("me-rppg", "rlap")
@@ -106,7 +106,7 @@ def time_chunk(m, video, state0, repeats: int) -> tuple[float, list[float], list
     """apply_chunk compiled for `video`'s shape, then timed: (compile s, wall s per run, CPU s per run)."""
     import jax
 
-    from model.me_rppg import apply_chunk
+    from model import apply_chunk
 
     t = time.perf_counter()
     run = apply_chunk.lower(m.params, video, state0, cfg=m.cfg).compile()

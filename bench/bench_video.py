@@ -153,7 +153,7 @@ def stage_profile(path: Path, model: str) -> dict:
         crops_s = time.perf_counter() - t0
     models = ModelSet([model])  # warm: the jit cache is filled by the earlier runs
     t0 = time.perf_counter()
-    models.feed([[(b.crops, b.face_found) for b in blocks]])[model].finish()
+    models.feed([[(b.crops, b.face_found) for b in blocks]]).predictors[model].finish()
     model_s = time.perf_counter() - t0
     s = clock.seconds
     return {

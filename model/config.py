@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from transforms.resample import FPS
+
 
 @dataclass(frozen=True)
 class MEConfig:
@@ -19,7 +21,7 @@ class MEConfig:
     chunk: int = 160  # L, frames per chunk (SSD chunk and TN linear-trend window)
     image: int = 36  # H = W, face crop size
     channels: int = 3  # RGB
-    fps: float = 30.0  # frame rate the weights were trained at
+    fps: float = FPS  # frame rate the weights were trained at
     tn_eps: float = 2e-6  # TN variance floor
     norm_eps: float = 1e-5  # gated RMSNorm epsilon
     # dtype of the convolutions' and dense1's products ("bfloat16" for GPUs; accumulation, TN, SSD and

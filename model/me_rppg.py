@@ -8,103 +8,51 @@ The network (open-rppg 0.1.1 `InfinitePulse([2]*4)`):
   frames /255 -> 4 x SSC block -> spatial mean -> out_proj -> 2 x Mamba-2 -> Dense(1) -> BVP
   SSC block:  x1 = in_proj(x); x = SSConv(SSConv(x1)) + x1; x = Conv(2x2, stride 2, 'same')(x)
   SSConv:     x0 = TN(x); x2 = Mamba2(mean_hw(relu(Dense(Conv3x3(x0))))); relu(Conv3x3(x0 + proj(x2)))
-Parameters are the nested dicts that `model.weights.load_params` builds; shapes are in its docstring.
+Parameters are the nested dicts that `model.weights.load_params` builds (shapes in its docstring); the
+recurrent state is `model.state.MEState`. Nothing here is jitted: `apply_chunk`, `flow_step` and
+`flow_frames` nest in a caller's jit, scan or grad; `model.apply_chunk` etc. are the same, compiled.
 """
 from __future__ import annotations
 
 import math
-from functools import wraps
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from model.config import ME, MEConfig
 from model.ssd import ssd_chunked, ssd_step
-
-
-# ---------------------------------------------------------------- recurrent state
-
-
-class TNState(NamedTuple):
-    mean: jax.Array  # (b, H, W, K) moving average of the input
-    var: jax.Array  # (b, H, W, K) moving average of the squared deviation
-
-
-class MambaState(NamedTuple):
-    ssd: jax.Array  # (b, h, p, N)
-    conv: jax.Array  # (b, k_conv, conv_dim) last k_conv inputs of the causal conv
-
-
-class SSConvState(NamedTuple):
-    tn: TNState
-    mamba: MambaState
-
-
-class MEState(NamedTuple):
-    blocks: tuple  # n_blocks tuples of layers_per_block SSConvState
-    head: tuple  # head_layers MambaState
-
-    @staticmethod
-    def zeros(batch: int, cfg: MEConfig = ME) -> "MEState":
-        """The reference's `init_state`: zero state, TN variance 1e-5."""
-
-        def mamba(d_model, headdim, k_conv):
-            d_inner = cfg.expand * d_model
-            return MambaState(
-                jnp.zeros((batch, d_inner // headdim, headdim, cfg.d_state), jnp.float32),
-                jnp.zeros((batch, k_conv, d_inner + 2 * cfg.d_state), jnp.float32),
-            )
-
-        blocks = tuple(
-            tuple(
-                SSConvState(
-                    TNState(jnp.zeros((batch, s, s, cfg.filters)), jnp.full((batch, s, s, cfg.filters), 1e-5)),
-                    mamba(cfg.block_d_model, cfg.block_headdim, cfg.block_k_conv),
-                )
-                for _ in range(cfg.layers_per_block)
-            )
-            for s in cfg.sizes
-        )
-        head = tuple(mamba(cfg.head_width, cfg.head_headdim, cfg.head_k_conv) for _ in range(cfg.head_layers))
-        return MEState(blocks, head)
-
-
-def init_state(batch: int, source: "MEState | MEConfig | None" = None) -> MEState:
-    """Initial state for `batch` streams.
-
-    source: an MEState of batch 1 (the published one, `model.weights.load_initial_state()`), which is
-    broadcast to the batch; or an MEConfig / None for `MEState.zeros`.
-    """
-    if source is None or isinstance(source, MEConfig):
-        return MEState.zeros(batch, source or ME)
-    return jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a)[:1], (batch, *a.shape[1:])), source)
-
-
-def state_bytes(state: MEState) -> int:
-    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
+from model.state import MambaState, MEState, SSConvState, TNState
 
 
 def param_count(params) -> int:
-    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    """Number of values in a parameter pytree."""
+    return sum(int(a.size) for a in jax.tree.leaves(params))
 
 
 # ---------------------------------------------------------------- layers
 
 
-def _dense(x, p, dtype=jnp.float32):
-    """x @ w + b with the product in `dtype` (bfloat16 on request), accumulated and returned in float32."""
-    return jnp.matmul(x.astype(dtype), p["w"].astype(dtype), preferred_element_type=jnp.float32) + p["b"]
+def _accumulator(dtype):
+    """Accumulation dtype for products in `dtype`: float32, or float64 when the products are (gradient checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _dense(x, p, dtype=None):
+    """x @ w + b with the product in `dtype` (bfloat16 on request; None: the operands' own), accumulated and
+    returned in float32 (or wider)."""
+    dtype = jnp.result_type(x, p["w"]) if dtype is None else dtype
+    return jnp.matmul(x.astype(dtype), p["w"].astype(dtype), preferred_element_type=_accumulator(dtype)) + p["b"]
 
 
 def _conv2d(x, p, stride=1, dtype=jnp.float32):
     """Keras Conv3D with a (1, kh, kw) kernel, 'same' padding, on every frame. x: (b, l, H, W, C).
-    Products in `dtype`, accumulated and returned in float32."""
+    Products in `dtype`, accumulated and returned in float32 (or wider)."""
     b, l = x.shape[:2]
     y = jax.lax.conv_general_dilated(
         x.reshape(b * l, *x.shape[2:]).astype(dtype), p["w"].astype(dtype), (stride, stride), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=_accumulator(dtype),
     )
     return (y + p["b"]).reshape(b, l, *y.shape[1:])  # (b, l, H', W', C')
 
@@ -187,45 +135,82 @@ def tn_step(x, state: TNState, dt, half_life: float, eps: float):
     return jnp.tanh((x - mean) / jnp.sqrt(var + eps) / 3) * 3, TNState(mean, var)
 
 
-def _ssconv(p, x, state: SSConvState, cfg: MEConfig, flow_dt):
-    """SSConv layer. x: (b, l, H, W, K), l = 1 in flow mode (flow_dt is not None)."""
-    if flow_dt is None:
-        x0, tn_state = tn_chunk(x, cfg.tn_eps)
-    else:
-        x0, tn_state = tn_step(x[:, 0], state.tn, flow_dt, cfg.tn_half_life, cfg.tn_eps)
-        x0 = x0[:, None]
+# ---------------------------------------------------------------- modes
+
+
+def _no_dropout(x, site: int):
+    return x
+
+
+@dataclass(frozen=True)
+class Mode:
+    """The two sequence layers of one mode, with their hyper-parameters bound; the rest of the network is
+    the same in both modes. x and u hold l frames: a chunk (l = cfg.chunk), or one frame in flow mode.
+
+    tn:      (x (b, l, H, W, K), TNState) -> normalised x (b, l, H, W, K), TNState
+    mamba:   (p, u (b, l, d), MambaState) -> (b, l, d), MambaState
+    dropout: (x (b, l, d), site) -> x, at the published GaussianDropout sites: site i * layers_per_block + j
+             before SSConv (i, j)'s Mamba-2, site n_blocks * layers_per_block after out_proj. Identity
+             (inference); model.train sets the training noise.
+    """
+
+    tn: Callable
+    mamba: Callable
+    dropout: Callable = _no_dropout
+
+
+def chunk_mode(cfg: MEConfig) -> Mode:
+    """Chunk mode for runs of cfg.chunk frames."""
+    return Mode(
+        tn=lambda x, state: tn_chunk(x, cfg.tn_eps),  # the trend is the chunk's own: no TN state is read
+        mamba=lambda p, u, state: mamba_chunk(p, u, state, cfg.chunk, cfg.norm_eps),
+    )
+
+
+def flow_mode(cfg: MEConfig, dt) -> Mode:
+    """Flow mode for a frame `dt` seconds after the last one (l = 1)."""
+
+    def tn(x, state):
+        y, state = tn_step(x[:, 0], state, dt, cfg.tn_half_life, cfg.tn_eps)
+        return y[:, None], state
+
+    def mamba(p, u, state):
+        y, state = mamba_step(p, u[:, 0], state, cfg.norm_eps)
+        return y[:, None], state
+
+    return Mode(tn, mamba)
+
+
+# ---------------------------------------------------------------- network
+
+
+def _ssconv(p, x, state: SSConvState, cfg: MEConfig, mode: Mode, site: int = 0):
+    """SSConv layer. x: (b, l, H, W, K) -> (b, l, H, W, K), new state. site: its dropout site (see Mode)."""
+    x0, tn_state = mode.tn(x, state.tn)
     dtype = cfg.compute_dtype
     x1 = jax.nn.relu(_dense(_conv2d(x0, p["conv1"], dtype=dtype), p["dense1"], dtype))  # (b, l, H, W, 2K)
     x2 = jnp.mean(jnp.mean(x1, axis=2), axis=2)  # (b, l, 2K); one axis at a time: XLA CPU reduces both at once slower
-    if flow_dt is None:
-        x2, m_state = mamba_chunk(p["mamba"], x2, state.mamba, cfg.chunk, cfg.norm_eps)
-    else:
-        x2, m_state = mamba_step(p["mamba"], x2[:, 0], state.mamba, cfg.norm_eps)
-        x2 = x2[:, None]
+    x2, m_state = mode.mamba(p["mamba"], mode.dropout(x2, site), state.mamba)
     x0 = x0 + (x2 @ p["proj"])[:, :, None, None]  # (b, l, H, W, K)
     return jax.nn.relu(_conv2d(x0, p["conv2"], dtype=dtype)), SSConvState(tn_state, m_state)
 
 
-def _network(params, x, state: MEState, cfg: MEConfig, flow_dt=None):
+def _network(params, x, state: MEState, cfg: MEConfig, mode: Mode):
     """x: (b, l, 36, 36, 3) float in [0, 1] -> BVP (b, l), new state."""
     # cfg decides how many blocks, layers and head layers run (a smaller cfg runs a prefix of the network).
     blocks = []
-    for bp, bs in zip(params["blocks"][:cfg.n_blocks], state.blocks):
+    for i, (bp, bs) in enumerate(zip(params["blocks"][:cfg.n_blocks], state.blocks)):
         x = x1 = x @ bp["in_proj"]  # (b, l, H, W, K)
         layers = []
-        for lp, ls in zip(bp["layers"][:cfg.layers_per_block], bs):
-            x, s = _ssconv(lp, x, ls, cfg, flow_dt)
+        for j, (lp, ls) in enumerate(zip(bp["layers"][:cfg.layers_per_block], bs)):
+            x, s = _ssconv(lp, x, ls, cfg, mode, site=i * cfg.layers_per_block + j)
             layers.append(s)
         x = _conv2d(x + x1, bp["ds"], stride=2, dtype=cfg.compute_dtype)  # (b, l, ceil(H/2), ceil(W/2), K)
         blocks.append(tuple(layers))
-    x = jnp.mean(x, axis=(2, 3)) @ params["out_proj"]  # (b, l, 32)
+    x = mode.dropout(jnp.mean(x, axis=(2, 3)) @ params["out_proj"], cfg.n_blocks * cfg.layers_per_block)  # (b, l, 32)
     head = []
     for mp, ms in zip(params["head"]["mamba"][:cfg.head_layers], state.head):
-        if flow_dt is None:
-            x, s = mamba_chunk(mp, x, ms, cfg.chunk, cfg.norm_eps)
-        else:
-            x, s = mamba_step(mp, x[:, 0], ms, cfg.norm_eps)
-            x = x[:, None]
+        x, s = mode.mamba(mp, x, ms)
         head.append(s)
     return _dense(x, params["head"]["dense"])[..., 0], MEState(tuple(blocks), tuple(head))
 
@@ -233,25 +218,9 @@ def _network(params, x, state: MEState, cfg: MEConfig, flow_dt=None):
 # ---------------------------------------------------------------- public entry points
 
 
-# XLA CPU options for both modes. YNNPACK fusions (on by default in jaxlib 0.10) run each convolution on one
-# thread; XLA's own (Eigen) convolutions use every core, which makes chunk mode ~1.5x faster on 2 cores.
-_XLA_CPU = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def _jit(fun):
-    """jax.jit with the _XLA_CPU options. Only a top-level jit takes compiler options, so a call made while
-    tracing (the function nested in a caller's jit or scan) goes to the same function jitted without them;
-    `.lower` is the top-level one's."""
-    fast = jax.jit(fun, static_argnames="cfg", compiler_options=_XLA_CPU)
-    nested = jax.jit(fun, static_argnames="cfg")
-
-    @wraps(fun)
-    def call(*args, **kwargs):
-        traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs)))
-        return (nested if traced else fast)(*args, **kwargs)
-
-    call.lower = fast.lower
-    return call
+def frames_to_unit(frames, dtype=jnp.float32):
+    """uint8 frames -> `dtype` in [0, 1], the network's input (float64 for gradient checks)."""
+    return frames.astype(dtype) / 255.0
 
 
 def _check_frames(frames, cfg: MEConfig, single_ndim: int, what: str):
@@ -271,7 +240,6 @@ def _check_state(state: MEState, batch: int, what: str):
         raise ValueError(f"{what}: state is for batch {got}, frames have batch {batch}; use init_state({batch}, ...)")
 
 
-@_jit
 def apply_chunk(params, frames, state: MEState, cfg: MEConfig = ME):
     """Chunk mode over a run of frames.
 
@@ -281,8 +249,9 @@ def apply_chunk(params, frames, state: MEState, cfg: MEConfig = ME):
     chunk is handled as the reference's `process_video` does: padded to 160 frames by repeating its last
     frame, run, only the real outputs kept. Its state is discarded (as the reference does): the returned
     state is the one after the last *whole* chunk, so continue a stream only after multiples of 160.
-    Compiled once per (batch, T): for videos of many lengths, call it on fixed-length segments (a
-    multiple of 160 frames) carrying the state, so that only the last segment's length is new.
+    Compiled (`model.apply_chunk`) once per (batch, T): for videos of many lengths, call it on
+    fixed-length segments (a multiple of 160 frames) carrying the state, so that only the last segment's
+    length is new.
     """
     _check_frames(frames, cfg, 4, "apply_chunk")
     single = frames.ndim == 4
@@ -294,10 +263,11 @@ def apply_chunk(params, frames, state: MEState, cfg: MEConfig = ME):
         x = jnp.concatenate([x, jnp.repeat(x[:, -1:], cfg.chunk - rem, axis=1)], axis=1)
     chunks = x.reshape(b, n_chunks, cfg.chunk, *x.shape[2:]).swapaxes(0, 1)  # (c, b, L, 36, 36, 3) uint8
     whole = jnp.arange(n_chunks) < t // cfg.chunk  # a padded chunk's state is not kept
+    mode = chunk_mode(cfg)
 
     def body(s, inputs):
         chunk_frames, keep = inputs
-        y, s_new = _network(params, chunk_frames.astype(jnp.float32) / 255.0, s, cfg)
+        y, s_new = _network(params, frames_to_unit(chunk_frames), s, cfg, mode)
         return jax.tree.map(lambda new, old: jnp.where(keep, new, old), s_new, s), y
 
     # One scan over all chunks, so one copy of the network is compiled and memory is constant in T.
@@ -308,13 +278,12 @@ def apply_chunk(params, frames, state: MEState, cfg: MEConfig = ME):
 
 def _flow_frame(params, frame, state: MEState, dt, cfg: MEConfig):
     """One flow step on uint8 frames (b, 36, 36, 3) -> BVP (b,), new state."""
-    x = (frame.astype(jnp.float32) / 255.0)[:, None]  # (b, 1, 36, 36, 3)
-    y, state = _network(params, x, state, cfg, flow_dt=jnp.asarray(dt, jnp.float32))
+    x = frames_to_unit(frame)[:, None]  # (b, 1, 36, 36, 3)
+    y, state = _network(params, x, state, cfg, flow_mode(cfg, jnp.asarray(dt, jnp.float32)))
     return y[:, 0], state
 
 
-@_jit
-def flow_step(params, frame, state: MEState, dt=1 / 30, cfg: MEConfig = ME):
+def flow_step(params, frame, state: MEState, dt=1 / ME.fps, cfg: MEConfig = ME):
     """Flow mode, one frame. frame: uint8 (b, 36, 36, 3) or (36, 36, 3); dt: seconds since the last frame.
 
     Returns BVP (b,) or a scalar, and the new state.
@@ -327,8 +296,7 @@ def flow_step(params, frame, state: MEState, dt=1 / 30, cfg: MEConfig = ME):
     return (y[0] if single else y), state
 
 
-@_jit
-def flow_frames(params, frames, state: MEState, dt=1 / 30, cfg: MEConfig = ME):
+def flow_frames(params, frames, state: MEState, dt=1 / ME.fps, cfg: MEConfig = ME):
     """Flow mode over a run of frames at a fixed dt: flow_step on each frame in turn under `lax.scan`.
 
     frames: uint8 (b, T, 36, 36, 3) or (T, 36, 36, 3). Returns BVP (b, T) or (T,), and the new state.

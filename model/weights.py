@@ -15,12 +15,16 @@ import sys
 from pathlib import Path
 
 import h5py
+import jax
 import numpy as np
 
 from model.config import ME, MEConfig
+from model.me_rppg import param_count
+from model.state import MambaState, MEState, SSConvState, TNState
 from transforms.published_files import SHA256, PublishedFileError, published_path
 
 WEIGHT_FILES = {"rlap": "ME.rlap.weights.h5", "pure": "ME.pure.weights.h5"}
+RUN_WEIGHTS, RUN_STATE = "best.weights.h5", "best.state.npz"  # in a `pulsepipe train` run folder
 
 
 def _arr(ds) -> np.ndarray:
@@ -50,11 +54,18 @@ def _keras_name(base: str, i: int) -> str:
 
 
 def weights_path(weights: str | Path) -> Path:
+    """The .h5 file of 'rlap', 'pure', a path to a weights file, or a training run folder (its best weights)."""
     if str(weights) in WEIGHT_FILES:
         return published_path(WEIGHT_FILES[str(weights)])
     path = Path(weights)
+    if path.is_dir():
+        if not (path / RUN_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path}: a folder without {RUN_WEIGHTS}: not a `pulsepipe train` run folder "
+                                    "(or its run has not validated yet)")
+        return path / RUN_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weights file; use 'rlap', 'pure' or a path to an ME .h5 file")
+        raise FileNotFoundError(f"{path}: no such weights file; use 'rlap', 'pure', a path to an ME .h5 file "
+                                "or a training run folder")
     return path
 
 
@@ -82,21 +93,106 @@ def load_params(weights: str | Path = "rlap", cfg: MEConfig = ME) -> dict:
         return {"blocks": blocks, "out_proj": _arr(f["layers/sequential_1/layers/dense/vars/0"]), "head": head}
 
 
-def h5_value_count(weights: str | Path = "rlap") -> int:
-    """Number of stored values in a weights file, counted from the file alone."""
+def _keras_arrays(params, cfg: MEConfig) -> dict[str, np.ndarray]:
+    """h5 path -> float32 array in its Keras shape: what `load_params` reads, mapped back."""
+    out = {}
+
+    def put(path, a, keras_shape=None):
+        a = np.asarray(a, np.float32)
+        out[path] = a if keras_shape is None else a.reshape(keras_shape)
+
+    def mamba(g, p):
+        put(f"{g}/in_proj/vars/0", p["in_proj"])
+        k, c = np.shape(p["conv_w"])
+        put(f"{g}/conv1d/vars/0", p["conv_w"], (k, 1, c))  # Keras depthwise kernel (k, 1, C)
+        put(f"{g}/conv1d/vars/1", p["conv_b"])
+        put(f"{g}/vars/0", p["dt_bias"])  # Mamba2.build's own variables, in order: dt_bias, A_log, D
+        put(f"{g}/vars/1", p["A_log"])
+        put(f"{g}/vars/2", p["D"], (-1, 1))  # D is (h, 1) in Keras
+        put(f"{g}/norm/vars/0", p["norm"])
+        put(f"{g}/out_proj/vars/0", p["out_proj"])
+
+    def conv(g, p):
+        put(f"{g}/vars/0", p["w"], (1, *np.shape(p["w"])))  # HWIO -> Conv3D (1, kh, kw, in, out)
+        put(f"{g}/vars/1", p["b"])
+
+    for i, bp in enumerate(params["blocks"][:cfg.n_blocks]):
+        g = f"layers/sequential/layers/{_keras_name('ssc_block', i)}"
+        put(f"{g}/in_proj/vars/0", bp["in_proj"])
+        conv(f"{g}/ds", bp["ds"])
+        for j, lp in enumerate(bp["layers"][:cfg.layers_per_block]):
+            s = f"{g}/ssc/layers/{_keras_name('ss_conv', j)}"
+            conv(f"{s}/conv1/layers/conv3d", lp["conv1"])
+            put(f"{s}/conv1/layers/dense/vars/0", lp["dense1"]["w"])
+            put(f"{s}/conv1/layers/dense/vars/1", lp["dense1"]["b"])
+            mamba(f"{s}/mamba", lp["mamba"])
+            put(f"{s}/proj/vars/0", lp["proj"])
+            conv(f"{s}/conv2", lp["conv2"])
+    for m, mp in enumerate(params["head"]["mamba"][:cfg.head_layers]):
+        mamba(f"head/layers/{_keras_name('mamba2', m)}", mp)
+    put("head/layers/dense/vars/0", params["head"]["dense"]["w"])
+    put("head/layers/dense/vars/1", params["head"]["dense"]["b"])
+    put("layers/sequential_1/layers/dense/vars/0", params["out_proj"])
+    return out
+
+
+def save_params(params, path: str | Path, cfg: MEConfig = ME) -> Path:
+    """Write a parameter pytree (numpy or jax arrays) as a Keras 3 `.h5` in the published layout, float32.
+
+    `load_params(path, cfg)` returns the same arrays; for the full cfg the file passes `check_weights`.
+    Written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        for name, a in _keras_arrays(params, cfg).items():
+            f.create_dataset(name, data=a)
+    tmp.replace(path)
+    return path
+
+
+def _stored_value_count(weights: str | Path) -> int:
+    """Number of values stored in a weights file, counted from the file alone."""
     sizes = []
     with h5py.File(weights_path(weights), "r") as f:
         f.visititems(lambda _, o: sizes.append(o.size) if isinstance(o, h5py.Dataset) else None)
     return int(sum(sizes))
 
 
-def load_initial_state(cfg: MEConfig = ME):
-    """The published initial state (batch 1) as an MEState.
+def check_weights(weights: str | Path = "rlap") -> int:
+    """The parameter count of a weights file; ValueError unless `load_params` imports every value it
+    stores (a value left behind is a layer the network does not run)."""
+    n, stored = param_count(load_params(weights)), _stored_value_count(weights)
+    if n != stored:
+        raise ValueError(f"{weights_path(weights)}: {stored:,} values stored, {n:,} imported as parameters")
+    return n
+
+
+def save_run_weights(run: str | Path, params, initial_state: MEState, cfg: MEConfig = ME) -> None:
+    """A training run's best weights, `run/best.weights.h5`, and the inference state that goes with them,
+    `run/best.state.npz`: what `weights_path(run)` and `load_initial_state(cfg, run)` read."""
+    run = Path(run)
+    leaves = {f"{i:03d}": np.asarray(a, np.float32) for i, a in enumerate(jax.tree.leaves(initial_state))}
+    tmp = run / f".{RUN_STATE}.tmp.npz"
+    np.savez(tmp, **leaves)
+    tmp.replace(run / RUN_STATE)  # the state first: best.weights.h5 appearing means both are there
+    save_params(params, run / RUN_WEIGHTS, cfg)
+
+
+def load_initial_state(cfg: MEConfig = ME, weights: str | Path = "rlap") -> MEState:
+    """The initial inference state (batch 1) that goes with `weights`: a training run folder's own
+    (`save_run_weights`), else the published one.
 
     `state.pkl` is a pickle (of jax arrays), so it is unpickled only after its sha256 check.
     """
-    from model.me_rppg import MambaState, MEState, SSConvState, TNState
-
+    run_state = Path(weights) / RUN_STATE
+    if str(weights) not in WEIGHT_FILES and run_state.is_file():
+        template, treedef = jax.tree.flatten(MEState.zeros(1, cfg))
+        with np.load(run_state) as stored:
+            leaves = [stored[k] for k in sorted(stored.files)]
+        if [a.shape for a in leaves] != [a.shape for a in template]:
+            raise ValueError(f"{run_state}: the state's shapes do not fit the ME-rPPG config")
+        return jax.tree.unflatten(treedef, leaves)
     with open(published_path("state.pkl"), "rb") as f:
         raw = pickle.load(f)  # nested lists/dicts of jax arrays, the reference's state layout
 
@@ -125,20 +221,20 @@ def check_published() -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.weights", description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="verify the published files and print the ME parameter count")
+    ap.add_argument("--check", action="store_true",
+                    help="verify the published files and that every value of each weights file is imported")
     args = ap.parse_args(argv)
     if not args.check:
         ap.print_help()
         return 0
     try:
         check_published()
-    except PublishedFileError as e:
+        counts = {name: check_weights(name) for name in WEIGHT_FILES}
+    except (PublishedFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from model.me_rppg import param_count
-
-    for name in WEIGHT_FILES:
-        print(f"ME-rPPG {name}: {param_count(load_params(name)):,} parameters")
+    for name, n in counts.items():
+        print(f"ME-rPPG {name}: {n:,} parameters, every stored value imported")
     print(f"all {len(SHA256)} published files present with the expected sha256")
     return 0
 

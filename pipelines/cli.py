@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from transforms.manifest import package_version
+
 # sub-command -> module under pipelines/ exposing add_arguments(parser) and main(args) -> int
 COMMANDS = {
     "synth": ("synth", "write a synthetic cohort with known heart rates"),
@@ -12,6 +14,7 @@ COMMANDS = {
     "preprocess": ("preprocess", "recordings to 30 fps face-crop shards, a manifest and dead letters (Beam or Ray)"),
     "augment": ("augment", "time-scaled extra recordings so heart rates cover 30-180 BPM (Beam or Ray)"),
     "evaluate": ("evaluate", "models over preprocessed recordings: predictions, metrics, a report (Beam or Ray)"),
+    "train": ("train", "train ME-rPPG on preprocessed shards: whole-video sequences, resumable, data-parallel"),
     "demo": ("demo", "synthesise a small cohort and measure it, all on this machine"),
 }
 
@@ -29,15 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pulsepipe")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,18 +12,20 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.arguments import positive_number, whole_number
 from pipelines.engines import add_engine_arguments, engine_options
-from pipelines.evaluate import DEFAULT_MODELS, run_evaluate
+from pipelines.evaluate import EvaluateSettings, run_evaluate
 from pipelines.preprocess import load_config, run_preprocess
 from transforms.synth import write_cohort
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="pulsepipe-demo", help="folder for everything the demo writes (default: pulsepipe-demo)")
-    p.add_argument("--subjects", type=int, default=12, help="subjects to synthesise (default: 12)")
-    p.add_argument("--recordings", type=int, default=2, help="recordings per subject (default: 2)")
-    p.add_argument("--seconds", type=float, default=20.0, help="seconds per recording (default: 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the cohort (default: 0)")
+    p.add_argument("--subjects", type=whole_number(1), default=12, help="subjects to synthesise (default: 12)")
+    p.add_argument("--recordings", type=whole_number(1), default=2, help="recordings per subject (default: 2)")
+    p.add_argument("--seconds", type=positive_number("a number of seconds"), default=20.0,
+                   help="seconds per recording (default: 20)")
+    p.add_argument("--seed", type=whole_number(0), default=0, help="seed of the cohort (default: 0)")
     add_engine_arguments(p)
 
 
@@ -50,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
     print("\npreprocess:")
     run_preprocess("synthetic", str(out / "cohort"), str(out / "preprocessed"), load_config(None), opts)
     print("\nevaluate:")
-    run_evaluate(str(out / "preprocessed"), str(out / "evaluation"), DEFAULT_MODELS, [10.0], opts, n_boot=500)
+    settings = EvaluateSettings(str(out / "preprocessed"), str(out / "evaluation"), windows=(10.0,), n_boot=500)
+    run_evaluate(settings, opts)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; open {out / 'evaluation' / 'report.html'}")
     return 0

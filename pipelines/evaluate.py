@@ -11,31 +11,40 @@ SQI, SNR; failed rows with their reason), metrics.parquet (per recording, subjec
 and window length, with bootstrap CIs over subjects; the run's settings in its key-value metadata) and
 report.html with its PNGs. A recording that cannot be scored fails alone, and a model whose output cannot
 be scored fails only its own row; bad requests (an unknown model, unreadable weights, no manifest) end
-before any engine starts.
+before any engine starts. The driver, `run_evaluate`, runs four phases: check the request, predict (the
+engine step), score (metrics) and present (report and terminal tables).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.engines import add_engine_arguments, engine_options, number_at_least, run_step, whole_number
+from pipelines.arguments import number_at_least, whole_number
+from pipelines.console import progress
+from pipelines.engines import EngineOptions, add_engine_arguments, engine_options, run_step
 from pipelines.errors import JobError
-from pipelines.predictors import FPS, PRECISIONS, ModelSet, check_models
+from pipelines.lock import add_lock_argument, check_output, claimed_output
+from pipelines.predictors import PRECISIONS, Block, ModelSet, StreamRead, check_models
+from pipelines.shard_job import manifest_rows
 from transforms import signal
-from transforms.manifest import read_manifest
+from transforms.errors import ItemFailed
+from transforms.manifest import package_version
 from transforms.metrics import METRIC_COLUMNS
+from transforms.resample import FPS
 from transforms.shards import atomic_file, read_segments
 
 DEFAULT_MODELS = ("me-chunk:rlap", "me-chunk:pure", "me-flow:rlap", "green", "chrom", "pos")
+WINDOWS = (10.0, 30.0)  # default sliding-window lengths, seconds
 PASSES_PIPELINE_ARGS = True
 RECORDINGS_PER_CALL = 4  # default bucket size on CPU; a GPU wants many more (--recordings-per-call)
 BUCKET_MIN_FILL = 0.75  # a bucket's shortest recording is at least this fraction of its longest
@@ -58,8 +67,23 @@ METRICS_SCHEMA = pa.schema([(c, pa.string() if c in _TEXT_METRIC_COLUMNS else pa
                              else pa.float64()) for c in METRIC_COLUMNS])
 
 
-class EvaluationFailed(Exception):
-    """A recording that cannot be evaluated; str names the shard and the reason."""
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """What an evaluation is asked for; how an engine runs it is `EngineOptions`."""
+    input_uri: str  # output root of `pulsepipe preprocess`
+    output_uri: str
+    models: tuple[str, ...] = DEFAULT_MODELS  # rows and tables follow this order
+    windows: tuple[float, ...] = WINDOWS  # sliding-window lengths, seconds
+    group_by: tuple[str, ...] | None = None  # metadata keys; None: every key with at most 12 values
+    n_boot: int = 1000  # bootstrap resamples of subjects
+    seed: int = 0  # of the bootstrap
+    recordings_per_call: int = RECORDINGS_PER_CALL  # bucket size: recordings per device call
+    precision: str = "float32"  # of ME-rPPG's convolutions (see PRECISIONS)
+
+    def __post_init__(self):  # lists become tuples, so frozen settings cannot change under a running job
+        for name in ("models", "windows", "group_by"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,8 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="where predictions.parquet, metrics.parquet and report.html go")
     p.add_argument("--model", dest="models", action="append",
                    help=f"model to run, repeatable (default: {' '.join(DEFAULT_MODELS)}); "
-                        "ME-rPPG as me-chunk:WEIGHTS or me-flow:WEIGHTS with rlap, pure or a path")
-    p.add_argument("--windows", type=number_at_least(MIN_WINDOW_S, "a window length in seconds"), nargs="+", default=[10.0, 30.0], metavar="SECONDS",
+                        "ME-rPPG as me-chunk:WEIGHTS or me-flow:WEIGHTS with rlap, pure, a .weights.h5 path or a "
+                        "`pulsepipe train` run folder")
+    p.add_argument("--windows", type=number_at_least(MIN_WINDOW_S, "a window length in seconds"), nargs="+",
+                   default=list(WINDOWS), metavar="SECONDS",
                    help=f"sliding-window lengths for windowed heart rate, at least {MIN_WINDOW_S:g} s "
                         "(default: 10 30), step half a window")
     p.add_argument("--group-by", nargs="*", metavar="KEY",
@@ -82,63 +108,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="ME-rPPG convolutions in float32 (the published model, default) or bfloat16 (faster on "
                         "GPUs; the parity bound is in tests/test_model_parity.py)")
+    add_lock_argument(p)
     add_engine_arguments(p, gpus=True)
 
 
 # ---- the step: a bucket of recordings, every model --------------------------------------------------
 
-class _Recording:
-    """One recording's shard, read segment by segment: crops go to the models, flags and truth stay here.
-    A shard that cannot be read ends its stream early with `error` set; the bucket's others go on."""
+@dataclass(frozen=True)
+class RecordingTruth:
+    """What a recording's predictions are scored against."""
+    face: np.ndarray  # (n,) bool, a face in the frame
+    bvp_true: np.ndarray  # (n,) float64 ground-truth BVP, NaN where there is none
+    usable: np.ndarray  # (n,) bool, a face and ground truth
+    hr_true: float  # BPM, of the whole recording
 
-    def __init__(self, item: dict, fs, root: str):
-        self.item, self.fs = item, fs
-        # a recording that failed in preprocessing has no shard: its messages name it instead
-        self.uri = f"{root.rstrip('/')}/{item['shard']}" if item["shard"] else f"{item['dataset']}/{item['recording_id']}"
-        self.error: str | None = item.get("reason")
-        self.found: list[np.ndarray] = []
-        self.truth: list[np.ndarray | None] = []
 
-    def crops(self):
-        if self.error:
-            return
-        n_expected = 0
-        try:
-            for seg in read_segments(self.uri, self.fs, columns=None):
-                if seg.start_frame != n_expected:
-                    raise EvaluationFailed(f"{self.uri}: segment {seg.segment_index} starts at frame "
-                                           f"{seg.start_frame}, expected {n_expected}")
-                n_expected += seg.n_frames
-                self.found.append(np.asarray(seg.face_found, bool))
-                self.truth.append(None if seg.bvp is None else np.asarray(seg.bvp, np.float64))
-                yield seg.frames, seg.face_found
-        except EvaluationFailed as e:
-            self.error = str(e)
-        except Exception as e:  # noqa: BLE001 - an unreadable shard fails its recording, not the bucket
-            self.error = f"{self.uri}: cannot read the shard: {type(e).__name__}: {e}"
+def recording_truth(uri: str, read: StreamRead) -> RecordingTruth | str:
+    """The truth to score a recording against, from what its shard's stream read, or why it cannot be
+    scored (naming `uri`, its shard)."""
+    if read.error:
+        return str(read.error)
+    if not len(read.face_found):
+        return f"{uri}: the shard holds no segments"
+    if read.truth is None:
+        return f"{uri}: no ground-truth BVP: a layout without truth cannot be scored"
+    usable = read.face_found & np.isfinite(read.truth)
+    if usable.sum() < 2 * FPS:
+        return f"{uri}: only {usable.sum() / FPS:.1f} s with a face and ground truth"
+    hr_true, _ = signal.heart_rate(read.truth, FPS, usable=usable)
+    if np.isnan(hr_true):
+        return f"{uri}: the ground-truth BVP is flat (nothing in 0.5-3 Hz): nothing to score against"
+    return RecordingTruth(read.face_found, read.truth, usable, hr_true)
 
-    def check(self) -> None:
-        """Set `error` if the recording cannot be scored; otherwise `face`, `bvp_true` and `usable`."""
-        if self.error:
-            return
-        if not self.found:
-            self.error = f"{self.uri}: the shard holds no segments"
-        elif any(t is None for t in self.truth):
-            self.error = f"{self.uri}: no ground-truth BVP: a layout without truth cannot be scored"
-        else:
-            self.face, self.bvp_true = np.concatenate(self.found), np.concatenate(self.truth)
-            self.usable = self.face & np.isfinite(self.bvp_true)
-            if self.usable.sum() < 2 * FPS:
-                self.error = f"{self.uri}: only {self.usable.sum() / FPS:.1f} s with a face and ground truth"
-                return
-            self.hr_true, _ = signal.heart_rate(self.bvp_true, FPS, usable=self.usable)
-            if np.isnan(self.hr_true):
-                self.error = f"{self.uri}: the ground-truth BVP is flat (nothing in 0.5-3 Hz): nothing to score against"
+
+def _shard_segments(uri: str, fs) -> Iterator:
+    """`read_segments` of a shard, every column; an unreadable shard is an ItemFailed naming it."""
+    try:
+        yield from read_segments(uri, fs, columns=None)
+    except Exception as e:  # noqa: BLE001 - an unreadable shard fails its recording, not the bucket
+        raise ItemFailed(f"{uri}: cannot read the shard: {type(e).__name__}: {e}") from e
+
+
+def shard_blocks(uri: str, fs) -> Iterator[Block]:
+    """A recording's shard, segment by segment, as blocks for the models with their ground truth (for
+    `ModelSet.feed`); ItemFailed if the shard cannot be read or a segment is missing."""
+    n_expected = 0
+    for seg in _shard_segments(uri, fs):
+        if seg.start_frame != n_expected:
+            raise ItemFailed(f"{uri}: segment {seg.segment_index} starts at frame {seg.start_frame}, "
+                             f"expected {n_expected}")
+        n_expected += seg.n_frames
+        yield Block(seg.frames, seg.face_found, truth=seg.bvp)
 
 
 class EvaluateStep:
     """A bucket of recordings of similar length through every model in lockstep (one device call per
     160-frame block serves the whole bucket); writes the bucket's prediction rows as a part file."""
+
+    runs_model = True  # engines run it as a model step (Beam's RunInference, Ray's actor pool), a bucket per call
 
     def __init__(self, input_uri: str, parts_uri: str, models: list[str], windows: list[float],
                  precision: str = "float32", gpus: bool = False):
@@ -149,60 +176,62 @@ class EvaluateStep:
 
     def __call__(self, bucket: dict) -> dict:
         started = time.perf_counter()
-        recordings = [_Recording(item, self.in_fs, self.in_root) for item in bucket["recordings"]]
+        items = bucket["recordings"]
         try:
-            rows = self._predict(recordings)
+            rows = self._predict(items)
         except Exception as e:  # noqa: BLE001 - a bug must not drop recordings: they are reported failed
             reason = f"internal error: {type(e).__name__}: {e}"
-            rows = [self._failed(r.item, f"{r.uri}: {reason}") for r in recordings]
+            rows = [self._failed(item, f"{self._uri(item)}: {reason}") for item in items]
         rows = [{**dict.fromkeys(PREDICTION_SCHEMA.names), **r} for rs in rows for r in rs]  # failed: nulls
         with atomic_file(f"{self.parts}/{bucket['index']:08d}.parquet", self.out_fs) as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA), f)
-        seconds = time.perf_counter() - started
-        n = len(self.models.names)
-        for k in range(0, len(rows), n):  # one line per recording: its rows are the models in order
-            failed = [r for r in rows[k:k + n] if r["status"] == "failed"]
-            state = ("ok" if not failed else f"failed ({failed[0]['reason']})" if len(failed) == n
-                     else "ok but " + "; ".join(r["reason"] for r in failed))  # each reason names its model
-            print(f"  {rows[k]['dataset']}/{rows[k]['recording_id']}: {state} (bucket of {len(recordings)}, "
-                  f"{seconds:.1f} s)", file=sys.stderr)
+        self._progress(rows, len(items), time.perf_counter() - started)
         # what the driver needs for metrics: everything but the waveforms
         return {"rows": [{k: v for k, v in r.items() if k not in ("bvp_pred", "bvp_true")} for r in rows]}
 
+    def _uri(self, item: dict) -> str:
+        # a recording that failed in preprocessing has no shard: its messages name it instead
+        return (f"{self.in_root.rstrip('/')}/{item['shard']}" if item["shard"]
+                else f"{item['dataset']}/{item['recording_id']}")
+
+    def _blocks(self, item: dict) -> Iterator[Block]:
+        """The recording's blocks (`shard_blocks`); ItemFailed if it failed in preprocessing."""
+        if item.get("reason"):
+            raise ItemFailed(item["reason"])
+        yield from shard_blocks(self._uri(item), self.in_fs)
+
+    def _predict(self, items: list[dict]) -> list[list[dict]]:
+        fed = self.models.feed([self._blocks(item) for item in items])
+        truths = [recording_truth(self._uri(item), read) for item, read in zip(items, fed.reads)]
+        keep = [isinstance(t, RecordingTruth) for t in truths]
+        bvps = {name: p.finish(keep) for name, p in fed.predictors.items()}
+        return [self._score(item, truth, {name: b[k] for name, b in bvps.items()}) if keep[k]
+                else self._failed(item, truth) for k, (item, truth) in enumerate(zip(items, truths))]
+
     def _failed(self, item: dict, reason: str) -> list[dict]:
-        return [{**_base(item), "model": m, "status": "failed", "reason": reason} for m in self.models.names]
+        return [_failed_row(item, m, reason) for m in self.models.names]
 
-    def _predict(self, recordings: list[_Recording]) -> list[list[dict]]:
-        predictors = self.models.feed([r.crops() for r in recordings])
-        for r in recordings:
-            r.check()
-        keep = [r.error is None for r in recordings]
-        bvps = {name: p.finish(keep) for name, p in predictors.items()}
-        return [self._score(r, {name: b[k] for name, b in bvps.items()}) if keep[k] else self._failed(r.item, r.error)
-                for k, r in enumerate(recordings)]
-
-    def _score(self, r: _Recording, bvps: dict[str, np.ndarray]) -> list[dict]:
+    def _score(self, item: dict, truth: RecordingTruth, bvps: dict[str, np.ndarray]) -> list[dict]:
         """One row per model; a model whose output cannot be scored fails its own row, named."""
-        true = signal.postprocess_bvp(r.bvp_true, FPS, usable=r.usable)
+        true = signal.postprocess_bvp(truth.bvp_true, FPS, usable=truth.usable)
         rows = []
         for name, bvp in bvps.items():
             try:
-                rows.append(self._score_model(r, name, bvp, true))
+                rows.append(self._score_model(item, truth, name, bvp, true))
             except Exception as e:  # noqa: BLE001 - one model's bad output must not fail the others
-                why = str(e) if isinstance(e, EvaluationFailed) else f"{type(e).__name__}: {e}"
-                rows.append({**_base(r.item), "model": name, "status": "failed",
-                             "reason": f"{r.uri}: {name}: cannot score its output: {why}"})
+                why = str(e) if isinstance(e, ItemFailed) else f"{type(e).__name__}: {e}"
+                rows.append(_failed_row(item, name, f"{self._uri(item)}: {name}: cannot score its output: {why}"))
         return rows
 
-    def _score_model(self, r: _Recording, name: str, bvp: np.ndarray, true: np.ndarray) -> dict:
-        hr, sqi = signal.heart_rate(bvp, FPS, usable=r.usable)
+    def _score_model(self, item: dict, truth: RecordingTruth, name: str, bvp: np.ndarray, true: np.ndarray) -> dict:
+        hr, sqi = signal.heart_rate(bvp, FPS, usable=truth.usable)
         if np.isnan(hr):
-            raise EvaluationFailed("the predicted BVP is flat (nothing in 0.5-3 Hz)")
-        pred = signal.postprocess_bvp(bvp, FPS, usable=r.usable)
-        return {**_base(r.item), "model": name, "status": "ok", "reason": None, "n_frames": len(r.face),
-                "face_fraction": float(r.face.mean()), "hr_pred": hr, "hr_true": r.hr_true, "sqi": sqi,
-                "snr_db": signal.snr_db(pred, FPS, r.hr_true), "windows": self._windows(pred, true, r.usable),
-                "bvp_pred": bvp.astype(np.float32), "bvp_true": r.bvp_true.astype(np.float32)}
+            raise ItemFailed("the predicted BVP is flat (nothing in 0.5-3 Hz)")
+        pred = signal.postprocess_bvp(bvp, FPS, usable=truth.usable)
+        return {**_base(item), "model": name, "status": "ok", "reason": None, "n_frames": len(truth.face),
+                "face_fraction": float(truth.face.mean()), "hr_pred": hr, "hr_true": truth.hr_true, "sqi": sqi,
+                "snr_db": signal.snr_db(pred, FPS, truth.hr_true), "windows": self._windows(pred, true, truth.usable),
+                "bvp_pred": bvp.astype(np.float32), "bvp_true": truth.bvp_true.astype(np.float32)}
 
     def _windows(self, pred: np.ndarray, true: np.ndarray, usable: np.ndarray) -> list[dict]:
         """Sliding-window HRs of the band-passed waveforms on the recording's own time axis; windows
@@ -217,9 +246,22 @@ class EvaluateStep:
                     for c, hp, ht in zip(centres, hr_pred, hr_true) if not np.isnan(ht)]
         return out
 
+    def _progress(self, rows: list[dict], n_recordings: int, seconds: float) -> None:
+        n = len(self.models.names)
+        for k in range(0, len(rows), n):  # one line per recording: its rows are the models in order
+            failed = [r for r in rows[k:k + n] if r["status"] == "failed"]
+            state = ("ok" if not failed else f"failed ({failed[0]['reason']})" if len(failed) == n
+                     else "ok but " + "; ".join(r["reason"] for r in failed))  # each reason names its model
+            progress(f"{rows[k]['dataset']}/{rows[k]['recording_id']}: {state} (bucket of {n_recordings}, "
+                     f"{seconds:.1f} s)")
+
 
 def _base(item: dict) -> dict:
     return {k: item[k] for k in ("recording_id", "subject_id", "dataset", "metadata_json")}
+
+
+def _failed_row(item: dict, model: str, reason: str) -> dict:
+    return {**_base(item), "model": model, "status": "failed", "reason": reason}
 
 
 # ---- the driver -------------------------------------------------------------------------------------
@@ -259,76 +301,110 @@ def default_group_keys(rows: list[dict], most: int = 12) -> list[str]:
     return sorted(k for k, v in values.items() if 1 < len(v) <= most)
 
 
-def run_evaluate(input_uri: str, output_uri: str, models, windows, opts, group_by=None, n_boot: int = 1000,
-                 seed: int = 0, recordings_per_call: int = RECORDINGS_PER_CALL, precision: str = "float32",
-                 log=print) -> dict:
+def run_evaluate(settings: EvaluateSettings, opts: EngineOptions, log=print) -> dict:
     """The whole job; returns {'predictions': rows without waveforms, 'metrics': metric rows}."""
-    from pipelines.cli import package_version
-    from pipelines.report import failures, format_cohort_table, format_subject_table, worst_recordings, write_report
-    from transforms.metrics import metrics_table
-
     started = time.perf_counter()
-    models = tuple(models)
+    items = check_request(settings)
+    rows = predict(settings, opts, items, log)
+    metric_rows, about = score(settings, opts, rows, len(items))
+    report = present(settings, rows, metric_rows, about, log)
+    log(f"\n{about['recordings scored by every model']} recordings scored by every model in "
+        f"{time.perf_counter() - started:.0f} s; report: {report}")
+    return {"predictions": rows, "metrics": metric_rows}
+
+
+def check_request(settings: EvaluateSettings) -> list[dict]:
+    """The work items of the input's manifest; JobError for a request that cannot run (an unknown model,
+    unreadable weights, no manifest or a damaged one, an output that is a file or cannot be written), said
+    here, not in every worker's traceback."""
     try:
-        check_models(models)  # here, not in every worker's traceback
+        check_models(settings.models)
     except ValueError as e:
         raise JobError(str(e)) from None
-    in_fs, in_root = fsspec.core.url_to_fs(input_uri)
-    out_fs, out_root = fsspec.core.url_to_fs(output_uri)
-    manifest = read_manifest(f"{in_root.rstrip('/')}/manifest.parquet", in_fs)
+    manifest = manifest_rows(settings.input_uri)
     if not manifest:
-        raise JobError(f"{input_uri}: no manifest.parquet; run `pulsepipe preprocess` first")
-    items = work_items(manifest)
-    work = buckets(items, recordings_per_call)
-    device = f"{opts.num_gpus:g} GPU per worker" if opts.num_gpus else "CPU"
-    log(f"{len(items)} recordings from {input_uri} in {len(work)} buckets of up to {recordings_per_call}, "
-        f"models {', '.join(models)}, on {opts.engine} ({device})")
+        raise JobError(f"{settings.input_uri}: no manifest.parquet; run `pulsepipe preprocess` first")
+    check_output(settings.output_uri)
+    return work_items(manifest)
+
+
+def predict(settings: EvaluateSettings, opts: EngineOptions, items: list[dict], log) -> list[dict]:
+    """EvaluateStep over buckets of the items on the engine, its part files merged into predictions.parquet;
+    returns the rows without waveforms, by dataset, recording and the models' order."""
+    work = buckets(items, settings.recordings_per_call)
+    log(f"{len(items)} recordings from {settings.input_uri} in {len(work)} buckets of up to "
+        f"{settings.recordings_per_call}, models {', '.join(settings.models)}, on {opts.engine} ({_device(opts)})")
+    out_fs, out_root = fsspec.core.url_to_fs(settings.output_uri)
     out_fs.makedirs(out_root, exist_ok=True)
     parts_name = f".prediction-parts-{uuid.uuid4().hex}"  # workers write here; merged below
     parts = f"{out_root.rstrip('/')}/{parts_name}"
     out_fs.makedirs(parts, exist_ok=True)
-    step_kwargs = {"input_uri": input_uri, "parts_uri": f"{output_uri.rstrip('/')}/{parts_name}",
-                   "models": list(models), "windows": list(windows), "precision": precision,
-                   "gpus": bool(opts.num_gpus)}
+    step_kwargs = {"input_uri": settings.input_uri, "parts_uri": f"{settings.output_uri.rstrip('/')}/{parts_name}",
+                   "models": list(settings.models), "windows": list(settings.windows),
+                   "precision": settings.precision, "gpus": bool(opts.num_gpus)}
     try:
-        # a model step (Beam's RunInference, Ray's map_batches on an actor pool), one bucket per call
-        results = run_step(EvaluateStep, step_kwargs, work, opts, output_uri, model_batch=1)
+        results = run_step(EvaluateStep, step_kwargs, work, opts, settings.output_uri)
         _merge_parts(out_fs, parts, f"{out_root}/predictions.parquet")
     finally:
         out_fs.rm(parts, recursive=True)
     rows = [r for res in results for r in res["rows"]]
-    rows.sort(key=lambda r: (r["dataset"], r["recording_id"], models.index(r["model"])))
-    ok = [r for r in rows if r["status"] == "ok"]
+    rows.sort(key=lambda r: (r["dataset"], r["recording_id"], settings.models.index(r["model"])))
+    return rows
+
+
+def score(settings: EvaluateSettings, opts: EngineOptions, rows: list[dict], n_recordings: int
+          ) -> tuple[list[dict], dict]:
+    """The metric rows of the scored predictions, written to metrics.parquet with the settings that decide
+    them in its metadata; and what produced the run, for the report."""
+    from transforms.metrics import metrics_table
+
+    ok = _ok(rows)
     scored = [{**json.loads(r["metadata_json"] or "{}"), **r} for r in ok]
-    keys = default_group_keys(ok) if group_by is None else group_by
+    keys = default_group_keys(ok) if settings.group_by is None else settings.group_by
     window_pairs = [{**r, **w} for r in ok for w in r["windows"]]  # a window's length_s, hr_pred, hr_true
-    metric_rows = metrics_table(scored, keys, windows=window_pairs, n_boot=n_boot, seed=seed)
-    metric_rows.sort(key=lambda r: models.index(r["model"]))  # stable: the command line's order, then the table's
-    about = {"pulsepipe": package_version(), "input": input_uri, "models": " ".join(models),
-             "precision": precision, "windows (s)": " ".join(f"{w:g}" for w in windows),
-             "bootstrap resamples": str(n_boot), "bootstrap seed": str(seed), "engine": f"{opts.engine}, {device}",
-             "recordings scored by every model": f"{_n_scored(ok, models)} of {len(items)}",
+    metric_rows = metrics_table(scored, keys, windows=window_pairs, n_boot=settings.n_boot, seed=settings.seed)
+    metric_rows.sort(key=lambda r: settings.models.index(r["model"]))  # stable: the models' order, then the table's
+    about = {"pulsepipe": package_version(), "input": settings.input_uri, "models": " ".join(settings.models),
+             "precision": settings.precision, "windows (s)": " ".join(f"{w:g}" for w in settings.windows),
+             "bootstrap resamples": str(settings.n_boot), "bootstrap seed": str(settings.seed),
+             "engine": f"{opts.engine}, {_device(opts)}",
+             "recordings scored by every model": f"{_n_scored(ok, settings.models)} of {n_recordings}",
              "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    out_fs, out_root = fsspec.core.url_to_fs(settings.output_uri)
     with atomic_file(f"{out_root}/metrics.parquet", out_fs) as f:
         table = pa.Table.from_pylist(metric_rows, schema=METRICS_SCHEMA)
         # the settings that decide the numbers: the same file from either engine
-        settings = {f"pulsepipe:{k}": v for k, v in about.items() if k not in ("engine", "finished")}
-        pq.write_table(table.replace_schema_metadata(settings), f)
-    waveforms = _waveforms(out_fs, out_root, worst_recordings(ok))
-    report = write_report(output_uri, rows, metric_rows, waveforms, about)
-    log("")
-    log(format_subject_table(metric_rows))
-    log("")
-    log(format_cohort_table(metric_rows))
+        decided_by = {f"pulsepipe:{k}": v for k, v in about.items() if k not in ("engine", "finished")}
+        pq.write_table(table.replace_schema_metadata(decided_by), f)
+    return metric_rows, about
+
+
+def present(settings: EvaluateSettings, rows: list[dict], metric_rows: list[dict], about: dict, log) -> str:
+    """report.html with each model's worst waveforms, then the terminal tables and one line per failure;
+    returns the report's URI."""
+    from pipelines.report import failures, format_cohort_table, format_subject_table, worst_recordings, write_report
+
+    out_fs, out_root = fsspec.core.url_to_fs(settings.output_uri)
+    waveforms = _waveforms(out_fs, out_root, worst_recordings(_ok(rows)))
+    report = write_report(settings.output_uri, rows, metric_rows, waveforms, about)
+    tables = [format_subject_table(metric_rows), format_cohort_table(metric_rows)]
     if any(r["level"] == "window" for r in metric_rows):
+        tables.append(format_cohort_table(metric_rows, level="window"))
+    for table in tables:
         log("")
-        log(format_cohort_table(metric_rows, level="window"))
-    for dataset, recording_id, failed_models, reason in failures(rows, models):
+        log(table)
+    for dataset, recording_id, failed_models, reason in failures(rows, settings.models):
         named = "" if failed_models == "all" else f" ({failed_models})"
         log(f"failed: {dataset}/{recording_id}{named}: {reason}")
-    log(f"\n{about['recordings scored by every model']} recordings scored by every model in "
-        f"{time.perf_counter() - started:.0f} s; report: {report}")
-    return {"predictions": rows, "metrics": metric_rows}
+    return report
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def _device(opts: EngineOptions) -> str:
+    return f"{opts.num_gpus:g} GPU per worker" if opts.num_gpus else "CPU"
 
 
 def _n_scored(ok: list[dict], models) -> int:
@@ -362,7 +438,9 @@ def _waveforms(fs, root: str, wanted: list[tuple[str, str, str]]) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    run_evaluate(args.input, args.output, tuple(args.models or DEFAULT_MODELS), args.windows, engine_options(args),
-                 group_by=args.group_by, n_boot=args.bootstrap, seed=args.seed,
-                 recordings_per_call=args.recordings_per_call, precision=args.precision)
+    settings = EvaluateSettings(args.input, args.output, models=tuple(args.models or DEFAULT_MODELS),
+                                windows=args.windows, group_by=args.group_by, n_boot=args.bootstrap, seed=args.seed,
+                                recordings_per_call=args.recordings_per_call, precision=args.precision)
+    with claimed_output(args.output, args.wait_for_lock):  # one writer per output root
+        run_evaluate(settings, engine_options(args))
     return 0

@@ -14,16 +14,14 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.predictors import FPS, MODEL_NAMES, ModelSet
+from pipelines.arguments import positive_number, whole_number
+from pipelines.predictors import MODEL_NAMES, Block, ModelSet
 from transforms import signal
+from transforms.errors import ItemFailed
 from transforms.face_crops import iter_face_crops
-from transforms.video import VideoError
+from transforms.resample import FPS
 
 MIN_SECONDS = 2.0
-
-
-class InferError(Exception):
-    """A video that decodes but cannot give a heart rate (no face, too short)."""
 
 
 @dataclass(frozen=True)
@@ -40,10 +38,13 @@ class InferResult:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("video", help="a video file (mp4, avi, mov, mkv, ...) or a folder of image frames")
     p.add_argument("--model", choices=MODEL_NAMES, default="me-chunk", help="BVP model (default: me-chunk)")
-    p.add_argument("--weights", default="rlap", help="ME-rPPG weights: rlap, pure or a .weights.h5 path (default: rlap)")
+    p.add_argument("--weights", default="rlap",
+                   help="ME-rPPG weights: rlap, pure, a .weights.h5 path or a `pulsepipe train` run folder (default: rlap)")
     p.add_argument("--out", default=".", help="folder for NAME.bvp.csv and NAME.png (default: current folder)")
-    p.add_argument("--image-fps", type=float, default=FPS, help="frame rate of an image folder (default: 30)")
-    p.add_argument("--detect-every", type=int, default=5, help="run face detection every k frames (default: 5)")
+    p.add_argument("--image-fps", type=positive_number("a frame rate"), default=FPS,
+                   help="frame rate of an image folder (default: 30)")
+    p.add_argument("--detect-every", type=whole_number(1), default=5,
+                   help="run face detection every k frames (default: 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -51,14 +52,15 @@ def infer_video(
     path: str, *, model: str = "me-chunk", weights: str = "rlap", image_fps: float = FPS,
     detect_every: int = 5, progress: bool = False, detector=None,
 ) -> InferResult:
-    """Run one model over one video; raises VideoError (unreadable input) or InferError (no usable signal).
+    """Run one model over one video; raises ItemFailed naming the file: unreadable input (VideoError, one
+    kind of it), no usable signal.
 
     detector: a transforms.face.FaceDetector to reuse across videos (one is opened per call otherwise).
     """
     result = infer_models(path, ModelSet([model], weights), image_fps=image_fps, detect_every=detect_every,
                           progress=progress, detector=detector)[model]
     if np.isnan(result.hr_bpm):
-        raise InferError(f"{path}: {model} finds no pulse: its BVP is flat (nothing in 0.5-3 Hz)")
+        raise ItemFailed(f"{path}: {model} finds no pulse: its BVP is flat (nothing in 0.5-3 Hz)")
     return result
 
 
@@ -67,37 +69,38 @@ def infer_models(
     progress: bool = False, detector=None,
 ) -> dict[str, InferResult]:
     """Several models over one decode pass of one video: {model name: InferResult}; a model whose BVP is
-    flat has hr_bpm NaN.
+    flat has hr_bpm NaN. Raises ItemFailed naming the file: unreadable, too short, too little face.
 
     models: model names (ME-rPPG with the rlap weights), or a ModelSet loaded once for many videos.
     """
     models = models if isinstance(models, ModelSet) else ModelSet(models)
-    times, found = [], []
-
-    def crops():
-        for block in iter_face_crops(path, detect_every=detect_every, image_fps=image_fps,
-                                     detector=detector, progress=progress):
-            times.append(block.timestamps)
-            found.append(block.face_found)
-            yield block.crops, block.face_found
-
-    predictors = models.feed([crops()])
-    t = np.concatenate(times) if times else np.zeros(0)
-    face_found = np.concatenate(found) if found else np.zeros(0, bool)
-    duration = len(t) / FPS
-    if duration < MIN_SECONDS:
-        raise InferError(f"{path}: clip is {duration:.2f} s long; at least {MIN_SECONDS:.0f} s are needed")
-    if not face_found.any():
-        raise InferError(f"{path}: no face found in any of {len(t)} frames")
-    if face_found.sum() / FPS < MIN_SECONDS:
-        raise InferError(f"{path}: a face is visible for only {face_found.sum() / FPS:.2f} s; "
-                         f"at least {MIN_SECONDS:.0f} s are needed")
+    blocks = (Block(b.crops, b.face_found, timestamps=b.timestamps)
+              for b in iter_face_crops(path, detect_every=detect_every, image_fps=image_fps,
+                                       detector=detector, progress=progress))
+    fed = models.feed([blocks])
+    (read,) = fed.reads
+    if read.error:
+        raise read.error
+    t, face_found = read.timestamps, read.face_found
+    _check_usable(path, t, face_found)
     results = {}
-    for name, predictor in predictors.items():
+    for name, predictor in fed.predictors.items():
         (bvp,) = predictor.finish()
         hr, sqi = signal.heart_rate(bvp, FPS, usable=face_found)  # NaN: a flat BVP (see infer_video)
         results[name] = InferResult(path, name, hr, sqi, t, bvp, float(face_found.mean()))
     return results
+
+
+def _check_usable(path: str, t: np.ndarray, face_found: np.ndarray) -> None:
+    """ItemFailed unless the clip and the face in it last long enough for a heart rate."""
+    duration = len(t) / FPS
+    if duration < MIN_SECONDS:
+        raise ItemFailed(f"{path}: clip is {duration:.2f} s long; at least {MIN_SECONDS:.0f} s are needed")
+    if not face_found.any():
+        raise ItemFailed(f"{path}: no face found in any of {len(t)} frames")
+    if face_found.sum() / FPS < MIN_SECONDS:
+        raise ItemFailed(f"{path}: a face is visible for only {face_found.sum() / FPS:.2f} s; "
+                         f"at least {MIN_SECONDS:.0f} s are needed")
 
 
 def write_outputs(result: InferResult, out_dir: Path, stem: str | None = None) -> tuple[Path, Path]:
@@ -141,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
             args.video, model=args.model, weights=args.weights, image_fps=args.image_fps,
             detect_every=args.detect_every, progress=not args.no_progress,
         )
-    except (VideoError, InferError) as e:
+    except ItemFailed as e:  # VideoError is one
         print(f"pulsepipe infer: error: {e}", file=sys.stderr)
         return 2
     csv_path, png_path = write_outputs(result, Path(args.out))

@@ -5,6 +5,7 @@ aligned blocks of `BLOCK` frames, each predictor takes one block of all B per `p
 the ME-rPPG modes) and returns each recording's whole BVP at `finish`. A recording of any length passes
 in memory bounded by two blocks of crops plus one float per frame; B = 1 is a single video. Frames
 without a face enter the model as zeros (as in the published implementation) and their BVP is zeroed.
+`ModelSet.feed` runs the lot and returns, with the predictors, what each stream read (`StreamRead`).
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
 from transforms.baselines import BASELINES, rgb_means
+from transforms.errors import ItemFailed
+from transforms.resample import FPS
 
-FPS = 30.0
 BLOCK = 160  # frames per push: one ME-rPPG chunk, so chunk mode compiles one shape whatever the lengths
 ME_NAMES = ("me-chunk", "me-flow")
 MODEL_NAMES = ME_NAMES + tuple(BASELINES)
@@ -51,6 +53,59 @@ def use_compile_cache() -> None:
               "set XDG_CACHE_HOME or JAX_COMPILATION_CACHE_DIR to a writable folder", file=sys.stderr)
         return
     jax.config.update("jax_compilation_cache_dir", str(path))
+
+
+class Block(NamedTuple):
+    """One block of a stream for `ModelSet.feed`: crops for the models, and per-frame facts handed back."""
+    crops: np.ndarray  # (n, 36, 36, 3) uint8
+    face_found: np.ndarray  # (n,) bool
+    truth: np.ndarray | None = None  # (n,) ground-truth BVP, where the source has it
+    timestamps: np.ndarray | None = None  # (n,) seconds, where the caller wants them back
+
+
+class StreamRead(NamedTuple):
+    """What one stream handed `ModelSet.feed`: its blocks' per-frame facts joined, or the error that ended it."""
+    face_found: np.ndarray  # (n,) bool, every frame the models saw
+    truth: np.ndarray | None  # (n,) float64; None when a block came without
+    timestamps: np.ndarray | None  # (n,) float64 seconds; None when a block came without
+    error: ItemFailed | None  # what ended the stream early; None when it ran to its end
+
+
+class Fed(NamedTuple):
+    """What `ModelSet.feed` returns."""
+    predictors: dict  # {name: predictor}, ready for `finish`
+    reads: list[StreamRead]  # one per stream, in the streams' order
+
+
+class _Tap:
+    """A stream on its way into `lockstep`: its crops and flags pass on, its per-frame facts are kept for
+    `read` (never its crops: memory stays bounded), and an ItemFailed ends it there."""
+
+    def __init__(self, stream: Iterable):
+        self._stream = stream
+        self._kept: list[Block] = []
+        self._error: ItemFailed | None = None
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        try:
+            for block in self._stream:
+                block = Block(*block)
+                self._kept.append(block._replace(crops=None))
+                yield block.crops, block.face_found
+        except ItemFailed as e:  # one stream's bad input must not end the others
+            self._error = e
+
+    def read(self) -> StreamRead:
+        kept = self._kept
+        return StreamRead(_joined([b.face_found for b in kept], bool), _joined([b.truth for b in kept], np.float64),
+                          _joined([b.timestamps for b in kept], np.float64), self._error)
+
+
+def _joined(parts: list[np.ndarray | None], dtype) -> np.ndarray | None:
+    """Per-block arrays as one array of dtype; None if a block has none."""
+    if any(p is None for p in parts):
+        return None
+    return np.concatenate([np.asarray(p, dtype) for p in parts]) if parts else np.zeros(0, dtype)
 
 
 def lockstep(streams: list[Iterable[tuple[np.ndarray, np.ndarray]]], size: int = BLOCK
@@ -93,6 +148,16 @@ def lockstep(streams: list[Iterable[tuple[np.ndarray, np.ndarray]]], size: int =
         yield crops, found, n_valid
 
 
+def feed(predictors: dict, streams: list[Iterable[Block | tuple[np.ndarray, np.ndarray]]]) -> Fed:
+    """Predictors made for B streams (`ModelSet.predictors`, or an `MEPredictor` of a model in memory) over
+    the streams in lockstep; returns them, ready for `finish`, and what each stream read (see ModelSet.feed)."""
+    taps = [_Tap(s) for s in streams]
+    for crops, found, n_valid in lockstep(taps):
+        for p in predictors.values():
+            p.push(crops, found, n_valid)
+    return Fed(predictors, [t.read() for t in taps])
+
+
 def parse_models(names, weights: str = "rlap") -> dict[str, tuple[str, str | None]]:
     """{name: (kind, ME weights or None)}; ValueError for no names or an unknown one.
 
@@ -108,7 +173,7 @@ def parse_models(names, weights: str = "rlap") -> dict[str, tuple[str, str | Non
         kind, _, w = name.partition(":")
         if kind not in MODEL_NAMES or (w and kind not in ME_NAMES):
             raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)} "
-                             "(ME-rPPG as me-chunk:WEIGHTS with rlap, pure or a path)")
+                             "(ME-rPPG as me-chunk:WEIGHTS with rlap, pure, a path or a training run folder)")
         specs[name] = kind, (w or weights) if kind in ME_NAMES else None
     return specs
 
@@ -160,13 +225,11 @@ class ModelSet:
         """{name: predictor} with fresh state, for `batch` recordings run in lockstep."""
         return {name: self._make(*self._specs[name], batch) for name in self.names}
 
-    def feed(self, streams: list[Iterable[tuple[np.ndarray, np.ndarray]]]) -> dict:
-        """Every model over B crop streams in lockstep; returns {name: predictor}, ready for `finish`."""
-        predictors = self.predictors(len(streams))
-        for crops, found, n_valid in lockstep(streams):
-            for p in predictors.values():
-                p.push(crops, found, n_valid)
-        return predictors
+    def feed(self, streams: list[Iterable[Block | tuple[np.ndarray, np.ndarray]]]) -> Fed:
+        """Every model over B streams in lockstep; returns the predictors, ready for `finish`, and what each
+        stream read. A stream yields `Block`s (or (crops, face_found) pairs); an ItemFailed it raises ends
+        that stream, is its read's `error`, and the others go on."""
+        return feed(self.predictors(len(streams)), streams)
 
     def _make(self, kind: str, weights: str | None, batch: int):
         if kind in ME_NAMES:

@@ -18,25 +18,28 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
-import yaml
 
-from pipelines.engines import add_engine_arguments, engine_options, run_step
+from pipelines import shard_job
+from pipelines.engines import add_engine_arguments, engine_options
 from pipelines.errors import JobError
-from transforms.datasets import LAYOUTS, Recording, TruthError, adapter
+from pipelines.lock import add_lock_argument, claimed_output
+from pipelines.settings import check, load_settings, number, whole
+from transforms.datasets import LAYOUTS, Recording, adapter
+from transforms.errors import ItemFailed
 from transforms.face import FaceDetector
-from transforms.face_crops import FPS, face_crops
-from transforms.manifest import (by_recording, config_hash, fill_row, fingerprint, read_manifest,
-                                 remove_stale_shards, source_stats, up_to_date, write_manifest)
-from transforms.resample import resample_signal
-from transforms.shards import SegmentBuilder, ShardWriter
-from transforms.video import VideoError, decode_threads
+from transforms.face_crops import face_crops
+from transforms.manifest import config_hash, fingerprint, package_version, source_fingerprint, source_stats
+from transforms.resample import FPS, longest_bridged_s, resample_signal
+from transforms.shards import shard_path, write_recording
+from transforms.video import decode_threads
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "preprocess.yaml"
 PASSES_PIPELINE_ARGS = True  # unknown --options go to Beam (e.g. --runner=DataflowRunner --project=...)
-
-
-class RecordingFailed(Exception):
-    """A recording that cannot be preprocessed; str is 'SOURCE: reason'."""
+RULES = {  # every setting of configs/preprocess.yaml, checked before any engine starts
+    "detect_every": whole(1), "segment_frames": whole(1), "block_frames": whole(1),
+    "min_seconds": number(minimum=0), "min_source_fps": number(minimum=0),
+    "min_truth_coverage": number(minimum=0, maximum=1),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,28 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="dataset root: a local path or any fsspec URI (gs://...)")
     p.add_argument("--output", required=True, help="output root: shards/ and manifest.parquet go here")
     p.add_argument("--config", help=f"YAML overriding the defaults in {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)}")
+    add_lock_argument(p)
     add_engine_arguments(p)
 
 
 def load_config(path: str | None) -> dict:
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    if path:
-        try:
-            with fsspec.open(path, "r") as f:
-                override = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise JobError(f"{path}: cannot read the config: {' '.join(str(e).split())}") from None  # YAML's: 4 lines
-        if not isinstance(override, dict):
-            raise JobError(f"{path}: expected settings as YAML keys and values, got {type(override).__name__}")
-        unknown = sorted(set(override) - set(config))
-        if unknown:
-            raise JobError(f"{path}: unknown settings {', '.join(unknown)}; known: {', '.join(sorted(config))}")
-        config.update(override)
-    return config
-
-
-def shard_path(rec: Recording) -> str:
-    return f"shards/{rec.dataset}/{rec.recording_id}.parquet"
+    """The defaults overridden by the YAML at `path`, each value checked (RULES); JobError naming the file
+    and the key."""
+    return load_settings(DEFAULT_CONFIG, path, RULES)
 
 
 # ---- the step: one recording, on any engine ---------------------------------------------------------
@@ -92,11 +81,11 @@ class PreprocessStep:
 
         def work() -> dict:
             if rec.problem:
-                raise RecordingFailed(rec.problem)
+                raise ItemFailed(rec.problem)
             with decode_threads(self.decode_threads):
                 return self._process(rec, item)
 
-        return fill_row(row, work, (RecordingFailed, VideoError, TruthError), rec.video)
+        return shard_job.fill_row(row, work, rec.video)
 
     def _process(self, rec: Recording, item: dict) -> dict:
         truth = self.adapter.read_truth(rec, self.in_fs)
@@ -104,43 +93,30 @@ class PreprocessStep:
         video_stat = next(s for s in item["stats"] if s[0] == rec.video) if item["stats"] else (rec.video, 0, None)
         meta = {"recording_id": rec.recording_id, "subject_id": rec.subject_id, "dataset": rec.dataset,
                 "source_uri": rec.video, "source_size": video_stat[1], "source_mtime": video_stat[2] or "",
-                "config_hash": item["config_hash"], "package_version": _package_version()}
-        target = f"{self.out_root.rstrip('/')}/{shard_path(rec)}"
-        source = _SourceCounter()
-        n_frames = n_face = n_segments = 0
+                "config_hash": item["config_hash"], "package_version": package_version()}
+        shard = shard_path(rec.dataset, rec.recording_id)
+        source, labels = _SourceCounter(), _TruthCounter(truth)
         with _local_copies(rec, self.in_fs) as local:
-            blocks = source.count(self.adapter.frame_blocks(rec, local, cfg["block_frames"]))
-            builder = SegmentBuilder(meta, cfg["segment_frames"])
-            with ShardWriter(target, self.out_fs) as writer:
-                for block in face_crops(blocks, self.detector, detect_every=cfg["detect_every"]):
-                    bvp = None if truth is None else resample_signal(truth.t_s, truth.ppg, block.timestamps)
-                    rows = builder.push(block.timestamps, block.crops, block.face_found, block.boxes, bvp)
-                    writer.write_rows(rows)
-                    n_frames += len(block.timestamps)
-                    n_face += int(block.face_found.sum())
-                    n_segments += len(rows)
-                rows = builder.finish()
-                writer.write_rows(rows)
-                n_segments += len(rows)
-                # checks that need the whole recording: raising here aborts the shard, nothing is left behind
-                self._check(rec, source, n_frames, n_face, truth)
-        return {"n_source_frames": source.n, "n_frames": n_frames, "duration_s": n_frames / FPS,
-                "n_segments": n_segments, "face_fraction": n_face / n_frames, "shard": shard_path(rec)}
+            frames = source.count(self.adapter.frame_blocks(rec, local, cfg["block_frames"]))
+            blocks = ((b.timestamps, b.crops, b.face_found, b.boxes, labels.on(b.timestamps))
+                      for b in face_crops(frames, self.detector, detect_every=cfg["detect_every"]))
+            # checks that need the whole recording run before the shard appears: failing, they leave none
+            counts = write_recording(f"{self.out_root.rstrip('/')}/{shard}", self.out_fs, meta, blocks,
+                                     cfg["segment_frames"], check=lambda c: self._check(rec, source, c, labels))
+        return {"n_source_frames": source.n, **shard_job.shard_fields(counts, self.out_fs, self.out_root, shard)}
 
-    def _check(self, rec: Recording, source: "_SourceCounter", n_frames: int, n_face: int, truth) -> None:
-        cfg = self.config
+    def _check(self, rec: Recording, source: "_SourceCounter", counts, labels: "_TruthCounter") -> None:
+        cfg, n_frames = self.config, counts.n_frames
         if n_frames / FPS < cfg["min_seconds"]:
-            raise RecordingFailed(f"{rec.video}: {n_frames / FPS:.2f} s long; at least {cfg['min_seconds']:g} s needed")
+            raise ItemFailed(f"{rec.video}: {n_frames / FPS:.2f} s long; at least {cfg['min_seconds']:g} s needed")
         if source.fps < cfg["min_source_fps"]:
-            raise RecordingFailed(f"{rec.video}: source frame rate {source.fps:.1f} fps is below "
-                                  f"{cfg['min_source_fps']:g} fps")
-        if n_face == 0:
-            raise RecordingFailed(f"{rec.video}: no face found in any of {n_frames} frames")
-        if truth is not None:
-            covered = np.clip(min(truth.t_s[-1], source.last_t) - max(truth.t_s[0], 0.0), 0, None)
-            if covered < cfg["min_truth_coverage"] * source.last_t:
-                raise RecordingFailed(f"{rec.video}: ground truth covers {covered:.1f} s of the "
-                                      f"{source.last_t:.1f} s video")
+            raise ItemFailed(f"{rec.video}: source frame rate {source.fps:.1f} fps is below "
+                             f"{cfg['min_source_fps']:g} fps")
+        if counts.n_face == 0:
+            raise ItemFailed(f"{rec.video}: no face found in any of {n_frames} frames")
+        if labels.truth is not None and labels.n_covered < cfg["min_truth_coverage"] * n_frames:
+            raise ItemFailed(f"{rec.video}: ground truth covers {labels.n_covered / FPS:.1f} s of the "
+                             f"{source.last_t:.1f} s video")
 
 
 class _SourceCounter:
@@ -158,6 +134,22 @@ class _SourceCounter:
     @property
     def fps(self) -> float:
         return (self.n - 1) / self.last_t if self.last_t > 0 else 0.0
+
+
+class _TruthCounter:
+    """The ground truth on each block's frame times (NaN outside it and across its gaps), counting the
+    frames it covers."""
+
+    def __init__(self, truth):
+        self.truth, self.n_covered = truth, 0
+        self.max_gap_s = None if truth is None else longest_bridged_s(truth.t_s)  # once, not per block
+
+    def on(self, timestamps: np.ndarray) -> np.ndarray | None:
+        if self.truth is None:
+            return None
+        bvp = resample_signal(self.truth.t_s, self.truth.ppg, timestamps, self.max_gap_s)
+        self.n_covered += int(np.isfinite(bvp).sum())
+        return bvp
 
 
 class _local_copies:
@@ -186,37 +178,27 @@ def _is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def _package_version() -> str:
-    from pipelines.cli import package_version
-
-    return package_version()
-
-
 # ---- the driver -------------------------------------------------------------------------------------
 
-def plan(records: list[Recording], previous: list[dict], fs, cfg_hash: str):
-    """Split listed recordings into work items and kept manifest rows (unchanged since the last run)."""
-    before = by_recording(previous)
-    todo, kept = [], []
+def plan(records: list[Recording], previous: list[dict], fs, cfg_hash: str, output_uri: str | None = None):
+    """Split listed recordings into work items and kept manifest rows (unchanged since the last run, their
+    shards under output_uri intact: `shard_job.plan`)."""
+    candidates = []
     for rec in records:
         try:
             stats = source_stats(list(rec.files), fs)
         except FileNotFoundError as e:
             stats, rec = [], dataclasses.replace(rec, problem=rec.problem or f"{e.filename or rec.video}: missing file")
-        fp = fingerprint(stats, cfg_hash)
-        old = before.get((rec.dataset, rec.recording_id))
-        if up_to_date(old, fp):
-            kept.append(old)
-        else:
-            todo.append({"recording": dataclasses.asdict(rec), "stats": stats, "fingerprint": fp, "config_hash": cfg_hash})
-    return todo, kept
+        candidates.append(((rec.dataset, rec.recording_id),
+                           {"recording": dataclasses.asdict(rec), "stats": stats,
+                            "fingerprint": fingerprint(stats, cfg_hash), "config_hash": cfg_hash,
+                            "source_fingerprint": source_fingerprint(stats)}))
+    return shard_job.plan(candidates, previous, output_uri)
 
 
-def run_preprocess(layout: str, input_uri: str, output_uri: str, config: dict, opts, log=print) -> list[dict]:
-    """The whole job; returns the manifest rows it wrote."""
-    started = time.perf_counter()
+def list_recordings(layout: str, input_uri: str) -> list[Recording]:
+    """The layout's recordings under input_uri; JobError if there is none, or no such input."""
     in_fs, root = fsspec.core.url_to_fs(input_uri)
-    out_fs, out_root = fsspec.core.url_to_fs(output_uri)
     module = adapter(layout)
     try:
         records = module.list_recordings(root, in_fs)
@@ -224,37 +206,40 @@ def run_preprocess(layout: str, input_uri: str, output_uri: str, config: dict, o
         raise JobError(str(e)) from None
     if not records:
         raise JobError(f"{input_uri}: no {layout} recordings found; the layout is {module.LAYOUT}")
-    manifest_uri = f"{out_root.rstrip('/')}/manifest.parquet"
-    previous = read_manifest(manifest_uri, out_fs)
-    cfg_hash = config_hash({"layout": layout, **config})
-    todo, kept = plan(records, previous, in_fs, cfg_hash)
-    log(f"{len(records)} recordings in {input_uri} ({layout}): {len(kept)} unchanged, {len(todo)} to process "
-        f"on {opts.engine}")
-    out_fs.makedirs(out_root, exist_ok=True)
-    # one worker per core (a cluster, or a local run with --workers filling the cores): single-threaded
-    # decodes; fewer local workers than cores: let each decode use threads
-    threads = 0 if opts.local and min(opts.local_workers, len(todo)) < (os.cpu_count() or 1) else 1
-    done = run_step(PreprocessStep, {"layout": layout, "input_uri": input_uri, "output_uri": output_uri,
-                                     "config": config, "decode_threads": threads}, todo, opts, output_uri)
-    rows = kept + done
-    remove_stale_shards(previous, rows, out_fs, out_root)
-    write_manifest(rows, manifest_uri, out_fs)
-    log(summary(kept, done, time.perf_counter() - started))
+    return records
+
+
+def run_preprocess(layout: str, input_uri: str, output_uri: str, config: dict, opts, log=print,
+                   wait_for_lock: bool = False) -> list[dict]:
+    """The whole job; returns the manifest rows it wrote. Everything a run can be refused for (a setting, the
+    input, the output, its manifest, another run holding it) is said before any engine starts."""
+    started = time.perf_counter()
+    check(config, RULES, "config")  # a dict from a caller other than the command line is checked too
+    records = list_recordings(layout, input_uri)
+    with claimed_output(output_uri, wait_for_lock, log):
+        previous = shard_job.manifest_rows(output_uri)
+        todo, kept = plan(records, previous, fsspec.core.url_to_fs(input_uri)[0],
+                          config_hash({"layout": layout, **config}), output_uri)
+        log(f"{len(records)} recordings in {input_uri} ({layout}): {len(kept)} unchanged, {len(todo)} to process "
+            f"on {opts.engine}")
+        # one worker per core (a cluster, or a local run with --workers filling the cores): single-threaded
+        # decodes; fewer local workers than cores: let each decode use threads
+        threads = 0 if opts.local and min(opts.local_workers, len(todo)) < (os.cpu_count() or 1) else 1
+        step_kwargs = {"layout": layout, "input_uri": input_uri, "output_uri": output_uri, "config": config,
+                       "decode_threads": threads}
+        rows, done = shard_job.run(PreprocessStep, step_kwargs, todo, kept, previous, opts, output_uri)
+    log(summary(kept, done, rows, time.perf_counter() - started))
     return rows
 
 
-
-def summary(kept: list[dict], done: list[dict], seconds: float) -> str:
+def summary(kept: list[dict], done: list[dict], rows: list[dict], seconds: float) -> str:
     ok = [r for r in done if r["status"] == "ok"]
-    failed = [r for r in done if r["status"] == "failed"]
-    frames = sum(r["n_frames"] or 0 for r in ok)
-    lines = [f"{'done':>8}{'skipped':>9}{'failed':>8}{'frames':>10}{'time (s)':>10}",
-             f"{len(ok):>8}{len(kept):>9}{len(failed):>8}{frames:>10}{seconds:>10.1f}"]
-    lines += [f"failed: {r['recording_id']}: {r['reason']}" for r in failed]
-    return "\n".join(lines)
+    return shard_job.summary({"done": len(ok), "skipped": len(kept), "failed": len(done) - len(ok),
+                              "frames": sum(r["n_frames"] or 0 for r in ok), "time (s)": seconds}, done, rows=rows)
 
 
 def main(args: argparse.Namespace) -> int:
     # failed recordings are results (dead letters in the manifest), not a failure of the job
-    run_preprocess(args.layout, args.input, args.output, load_config(args.config), engine_options(args))
+    run_preprocess(args.layout, args.input, args.output, load_config(args.config), engine_options(args),
+                   wait_for_lock=args.wait_for_lock)
     return 0

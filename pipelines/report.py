@@ -242,13 +242,6 @@ def failures(prediction_rows, models) -> list[tuple[str, str, str, str]]:
             for (d, rid, reason), names in sorted(by_reason.items())]
 
 
-def _failures_html(prediction_rows, models: list[str]) -> str:
-    lines = failures(prediction_rows, models)
-    if not lines:
-        return "<p>None: every recording was scored by every model.</p>"
-    return _html_table(["dataset", "recording", "models", "reason"], [list(line) for line in lines])
-
-
 _LEVELS_HTML = """<p>Heart rates (HR, beats per minute, BPM) come from each recording's whole predicted and
 ground-truth BVP by the same recipe (band-pass 0.5-3 Hz, Welch peak); frames without a face or ground truth
 are left silent. Levels: <b>recording</b> (one HR pair per recording and model, in predictions.parquet and
@@ -257,6 +250,125 @@ dataset pooled; <b>window</b>, the HR pairs of sliding windows pooled. Intervals
 bootstrap intervals that resample subjects, whose recordings share a face, camera and session (none with
 fewer than 2 subjects). SNR: power within 0.1 Hz of the true HR and its first harmonic over the rest of
 0.5-3 Hz, in dB (de Haan &amp; Jeanne 2013). Bland-Altman: bias = mean(predicted - true), limits of agreement = bias &plusmn; 1.96 sd.</p>"""
+
+
+class _PngFolder:
+    """The report's PNG folder, emptied of an earlier report's plots; `img` saves a figure there and links it."""
+
+    def __init__(self, fs, root: str):
+        self.fs, self.path = fs, f"{root}/{REPORT_DIR}"
+        if fs.exists(self.path):
+            fs.rm(self.path, recursive=True)
+        fs.makedirs(self.path, exist_ok=True)
+
+    def img(self, fig, name: str, alt: str) -> str:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        with self.fs.open(f"{self.path}/{name}", "wb") as f:
+            f.write(buffer.getvalue())
+        return f"<img src='{REPORT_DIR}/{html.escape(name)}' alt='{html.escape(alt)}'>"
+
+    def img_or_say(self, fig, name: str, alt: str, no_plot: str) -> str:
+        """The figure's img, or a paragraph saying `no_plot` where there is no figure."""
+        return self.img(fig, name, alt) if fig else f"<p>{no_plot}</p>"
+
+
+# --- the report's sections, in page order: each a list of HTML parts, empty when it has nothing to show ----
+
+def _page_head() -> list[str]:
+    return [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pulsepipe evaluation</title>"
+            f"<style>{_CSS}</style></head><body><h1>pulsepipe evaluation</h1>", _LEVELS_HTML]
+
+
+def _run_settings_html(about: dict | None, prediction_rows) -> list[str]:
+    parts = [_html_table(["run", ""], [[str(k), str(v)] for k, v in about.items()])] if about else []
+    n_missing = sum(_pair(r) is None for r in prediction_rows if r.get("status", "ok") == "ok")
+    if n_missing:
+        parts.append(f"<p>{n_missing} scored predictions without both a predicted and a true HR are left out of "
+                     f"every metric.</p>")
+    return parts
+
+
+def _cohort_html(metric_rows) -> list[str]:
+    return ["<h2>Cohort metrics</h2>", _metric_table_html(_levels(metric_rows, "cohort"), _COHORT_FIRST["cohort"])]
+
+
+def _windows_html(metric_rows) -> list[str]:
+    window_rows = _levels(metric_rows, "window")
+    if not window_rows:
+        return []
+    return ["<h2>Sliding-window heart rate</h2><p>HR on windows of the given length, every half window, "
+            "by the same recipe; each window's pair counts once, and intervals still resample subjects. "
+            "Windows mostly without a face or ground truth are left out.</p>",
+            _metric_table_html(window_rows, _COHORT_FIRST["window"])]
+
+
+def _failed_html(prediction_rows, models: list[str]) -> list[str]:
+    lines = [list(line) for line in failures(prediction_rows, models)]
+    return ["<h2>Failed</h2>", _html_table(["dataset", "recording", "models", "reason"], lines) if lines
+            else "<p>None: every recording was scored by every model.</p>"]
+
+
+def _bland_altman_html(pngs: _PngFolder, models: list[str], prediction_rows) -> list[str]:
+    return ["<h2>Bland-Altman</h2>"] + [
+        pngs.img_or_say(plot_bland_altman(model, prediction_rows), f"bland_altman_{_slug(model)}.png",
+                        f"Bland-Altman plot of {model}",
+                        f"{html.escape(model)}: fewer than 2 recordings with both HRs, no plot.")
+        for model in models]
+
+
+def _error_by_hr_bin_html(pngs: _PngFolder, models: list[str], prediction_rows) -> list[str]:
+    bins_by_model = defaultdict(list)
+    for b in metrics.error_by_hr_bin(prediction_rows):
+        bins_by_model[b["model"]].append(b)
+    return ["<h2>Absolute error by true heart rate</h2>"] + [
+        pngs.img_or_say(plot_error_by_hr_bin(model, bins_by_model[model]) if model in bins_by_model else None,
+                        f"error_by_hr_{_slug(model)}.png", f"error by HR bin, {model}",
+                        f"{html.escape(model)}: no recording with both HRs, no plot.")
+        for model in models]
+
+
+def _worst_recordings_html(pngs: _PngFolder, models: list[str], prediction_rows, waveforms: dict) -> list[str]:
+    if not waveforms:
+        return []
+    parts = ["<h2>Worst recordings</h2><p>Each model's recordings with the largest HR errors. "
+             "Waveforms band-passed (0.5-3 Hz) and standardised.</p>"]
+    rows = {(r["model"], str(r["dataset"]), str(r["recording_id"])): r for r in prediction_rows}
+    order = {m: i for i, m in enumerate(models)}
+    shown = sorted(waveforms, key=lambda k: order.get(k[0], len(order)))  # stable: each model's as given
+    for i, (model, dataset, recording_id) in enumerate(shown):
+        row = rows.get((model, dataset, recording_id), {})
+        fig = plot_waveform(model, f"{dataset}/{recording_id}", *waveforms[(model, dataset, recording_id)],
+                            hr_pred=row.get("hr_pred"), hr_true=row.get("hr_true"))
+        parts.append(pngs.img(fig, f"waveform_{i:02d}_{_slug(model)}_{_slug(recording_id)}.png",
+                              f"waveforms of {model} on {dataset}/{recording_id}"))
+    return parts
+
+
+def _per_subject_html(models: list[str], prediction_rows, metric_rows) -> list[str]:
+    subjects = _levels(metric_rows, "subject")
+    mae = {(r["dataset"], r["subject_id"], r["model"]): r for r in subjects}
+    keys = sorted({(r["dataset"], r["subject_id"]) for r in subjects}
+                  | {(r["dataset"], str(r["subject_id"])) for r in prediction_rows})
+    return ["<h2>Per subject</h2><p>Subject MAE = mean of the subject's recording absolute errors (BPM); "
+            "- where a model scored none of the subject's recordings (see Failed).</p>",
+            _html_table(
+                ["dataset", "subject"] + [f"MAE {m}" for m in models] + [f"recordings {m}" for m in models],
+                [[str(d), str(s)] + [_num(mae[(d, s, m)]["mae"]) if (d, s, m) in mae else "-" for m in models]
+                 + [str(mae[(d, s, m)]["n_recordings"]) if (d, s, m) in mae else "0" for m in models]
+                 for d, s in keys])]
+
+
+def _by_group_html(metric_rows) -> list[str]:
+    groups = _levels(metric_rows, "group")
+    if not groups:
+        return []
+    parts = ["<h2>By group</h2>"]
+    for key in sorted({r["group_key"] for r in groups}):
+        rows = sorted((r for r in groups if r["group_key"] == key), key=lambda r: (r["group_value"], r["model"]))
+        parts.append(f"<h3>{html.escape(key)}</h3>")
+        parts.append(_metric_table_html(rows, [(key, "group_value"), ("model", "model"), ("datasets", "dataset")]))
+    return parts
 
 
 def write_report(out_uri, prediction_rows, metric_rows, waveforms: dict | None = None,
@@ -271,92 +383,16 @@ def write_report(out_uri, prediction_rows, metric_rows, waveforms: dict | None =
     """
     fs, root = fsspec.core.url_to_fs(str(out_uri))
     root = root.rstrip("/")
-    png_dir = f"{root}/{REPORT_DIR}"
-    if fs.exists(png_dir):
-        fs.rm(png_dir, recursive=True)
-    fs.makedirs(png_dir, exist_ok=True)
+    pngs = _PngFolder(fs, root)
     prediction_rows, metric_rows = list(prediction_rows), list(metric_rows)
-    waveforms = waveforms or {}
     # in the order the rows name them: evaluate's rows follow the command line's model order
     models = list(dict.fromkeys([r["model"] for r in prediction_rows] + [r["model"] for r in metric_rows]))
-    n_missing = sum(_pair(r) is None for r in prediction_rows if r.get("status", "ok") == "ok")
-
-    def image(fig, name: str, alt: str) -> str:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
-        with fs.open(f"{png_dir}/{name}", "wb") as f:
-            f.write(buffer.getvalue())
-        return f"<img src='{REPORT_DIR}/{html.escape(name)}' alt='{html.escape(alt)}'>"
-
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pulsepipe evaluation</title>"
-             f"<style>{_CSS}</style></head><body><h1>pulsepipe evaluation</h1>", _LEVELS_HTML]
-    if about:
-        parts.append(_html_table(["run", ""], [[str(k), str(v)] for k, v in about.items()]))
-    if n_missing:
-        parts.append(f"<p>{n_missing} scored predictions without both a predicted and a true HR are left out of "
-                     f"every metric.</p>")
-
-    parts.append("<h2>Cohort metrics</h2>")
-    parts.append(_metric_table_html(_levels(metric_rows, "cohort"), _COHORT_FIRST["cohort"]))
-    window_rows = _levels(metric_rows, "window")
-    if window_rows:
-        parts.append("<h2>Sliding-window heart rate</h2><p>HR on windows of the given length, every half window, "
-                     "by the same recipe; each window's pair counts once, and intervals still resample subjects. "
-                     "Windows mostly without a face or ground truth are left out.</p>")
-        parts.append(_metric_table_html(window_rows, _COHORT_FIRST["window"]))
-
-    parts.append("<h2>Failed</h2>")
-    parts.append(_failures_html(prediction_rows, models))
-
-    parts.append("<h2>Bland-Altman</h2>")
-    for model in models:
-        fig = plot_bland_altman(model, prediction_rows)
-        parts.append(image(fig, f"bland_altman_{_slug(model)}.png", f"Bland-Altman plot of {model}") if fig else
-                     f"<p>{html.escape(model)}: fewer than 2 recordings with both HRs, no plot.</p>")
-
-    parts.append("<h2>Absolute error by true heart rate</h2>")
-    bins_by_model = defaultdict(list)
-    for b in metrics.error_by_hr_bin(prediction_rows):
-        bins_by_model[b["model"]].append(b)
-    for model in models:
-        fig = plot_error_by_hr_bin(model, bins_by_model[model]) if model in bins_by_model else None
-        parts.append(image(fig, f"error_by_hr_{_slug(model)}.png", f"error by HR bin, {model}") if fig else
-                     f"<p>{html.escape(model)}: no recording with both HRs, no plot.</p>")
-
-    if waveforms:
-        parts.append("<h2>Worst recordings</h2><p>Each model's recordings with the largest HR errors. "
-                     "Waveforms band-passed (0.5-3 Hz) and standardised.</p>")
-        rows = {(r["model"], str(r["dataset"]), str(r["recording_id"])): r for r in prediction_rows}
-        order = {m: i for i, m in enumerate(models)}
-        shown = sorted(waveforms, key=lambda k: order.get(k[0], len(order)))  # stable: each model's as given
-        for i, (model, dataset, recording_id) in enumerate(shown):
-            row = rows.get((model, dataset, recording_id), {})
-            fig = plot_waveform(model, f"{dataset}/{recording_id}", *waveforms[(model, dataset, recording_id)],
-                                hr_pred=row.get("hr_pred"), hr_true=row.get("hr_true"))
-            parts.append(image(fig, f"waveform_{i:02d}_{_slug(model)}_{_slug(recording_id)}.png",
-                               f"waveforms of {model} on {dataset}/{recording_id}"))
-
-    parts.append("<h2>Per subject</h2><p>Subject MAE = mean of the subject's recording absolute errors (BPM); "
-                 "- where a model scored none of the subject's recordings (see Failed).</p>")
-    subjects = _levels(metric_rows, "subject")
-    mae = {(r["dataset"], r["subject_id"], r["model"]): r for r in subjects}
-    keys = sorted({(r["dataset"], r["subject_id"]) for r in subjects}
-                  | {(r["dataset"], str(r["subject_id"])) for r in prediction_rows})
-    parts.append(_html_table(
-        ["dataset", "subject"] + [f"MAE {m}" for m in models] + [f"recordings {m}" for m in models],
-        [[str(d), str(s)] + [_num(mae[(d, s, m)]["mae"]) if (d, s, m) in mae else "-" for m in models]
-         + [str(mae[(d, s, m)]["n_recordings"]) if (d, s, m) in mae else "0" for m in models]
-         for d, s in keys]))
-
-    groups = _levels(metric_rows, "group")
-    if groups:
-        parts.append("<h2>By group</h2>")
-        for key in sorted({r["group_key"] for r in groups}):
-            rows = sorted((r for r in groups if r["group_key"] == key), key=lambda r: (r["group_value"], r["model"]))
-            parts.append(f"<h3>{html.escape(key)}</h3>")
-            parts.append(_metric_table_html(rows, [(key, "group_value"), ("model", "model"), ("datasets", "dataset")]))
-
-    parts.append("</body></html>")
+    parts = (_page_head() + _run_settings_html(about, prediction_rows) + _cohort_html(metric_rows)
+             + _windows_html(metric_rows) + _failed_html(prediction_rows, models)
+             + _bland_altman_html(pngs, models, prediction_rows) + _error_by_hr_bin_html(pngs, models, prediction_rows)
+             + _worst_recordings_html(pngs, models, prediction_rows, waveforms or {})
+             + _per_subject_html(models, prediction_rows, metric_rows) + _by_group_html(metric_rows)
+             + ["</body></html>"])
     with fs.open(f"{root}/report.html", "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
     return f"{str(out_uri).rstrip('/')}/report.html"

@@ -13,12 +13,12 @@ import pytest
 from pipelines import augment as job
 from pipelines.engines import EngineOptions
 from pipelines.errors import JobError
-from transforms.augment import TimeScaler, choose_factors, hr_histogram, time_scale
+from shard_helpers import read_recording
+from transforms.augment import TimeScaler, choose_factors, hr_histogram
 from transforms.manifest import read_manifest, write_manifest
-from transforms.shards import SCHEMA, SegmentBuilder, ShardWriter, read_recording, read_segments
+from transforms.resample import FPS
+from transforms.shards import SCHEMA, SegmentBuilder, ShardWriter, read_segments, shard_path
 from transforms.signal import heart_rate
-
-FPS = 30.0
 
 
 def sine_recording(seconds: float, hr_bpm: float, size: int = 4, seed: int = 0, no_face=()):
@@ -39,7 +39,12 @@ def sine_recording(seconds: float, hr_bpm: float, size: int = 4, seed: int = 0, 
     return t, frames, found, boxes, pulse.astype(np.float32)
 
 
-# ---- time_scale ---------------------------------------------------------------------------------------
+# ---- TimeScaler ---------------------------------------------------------------------------------------
+
+def time_scale(timestamps, frames, face_found, boxes, bvp, factor: float):
+    """The whole recording through a TimeScaler in one block: the one-pass output streaming must equal."""
+    return TimeScaler(factor).push(timestamps, frames, face_found, boxes, bvp)
+
 
 def test_factor_1_5_turns_60_bpm_into_90_with_floor_frame_count():
     t, frames, found, boxes, bvp = sine_recording(10, 60)  # 1 Hz
@@ -165,7 +170,7 @@ def preprocessed(tmp_path_factory) -> Path:
                 "source_uri": f"/videos/{rec_id}.mkv", "source_size": 1000 + i, "source_mtime": "2024-01-01",
                 "config_hash": "c0ffee", "package_version": "test"}
         builder = SegmentBuilder(meta, segment_frames=100)
-        shard = job.shard_path("synthetic", rec_id)
+        shard = shard_path("synthetic", rec_id)
         with ShardWriter(str(root / shard), fs, row_group_bytes=20_000) as w:
             for start in range(0, len(t), 64):  # blocks as preprocess pushes them
                 block = [a[start:start + 64] for a in (t, frames, found, boxes)]

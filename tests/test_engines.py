@@ -21,6 +21,10 @@ class SquareStep:
         return {"y": item["x"] ** 2 + self.offset, "pid": self.pid}
 
 
+class SquareModelStep(SquareStep):
+    runs_model = True  # run as a model step: Beam's RunInference, Ray's map_batches
+
+
 @pytest.fixture(autouse=True)
 def workers_import_this_module(monkeypatch):
     # worker processes import steps by module name; real steps live in pipelines/, this one here
@@ -38,11 +42,11 @@ def test_results_come_back_in_input_order(engine, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["beam", "ray"])
-def test_model_steps_run_batched_with_the_same_results(engine, tmp_path):
+def test_model_steps_run_as_model_steps_with_the_same_results(engine, tmp_path):
     # Beam: a RunInference model handler; Ray: map_batches over an actor pool
     items = [{"x": x} for x in [5, 3, -1, 8, 0, 2, 7]]
     opts = EngineOptions(engine, workers=2)
-    batched = run_step(SquareStep, {"offset": 1}, items, opts, str(tmp_path), model_batch=3)
+    batched = run_step(SquareModelStep, {"offset": 1}, items, opts, str(tmp_path))
     assert [r.get("y") for r in batched] == [26, 10, None, 65, 1, 5, 50]
 
 
@@ -110,7 +114,7 @@ def test_worker_and_gpu_counts_are_checked_as_they_are_parsed(capsys):
 
 @pytest.mark.parametrize("engine", ["ray", "beam"])
 def test_a_step_that_kills_its_worker_ends_the_run_with_an_error(tmp_path, engine):
-    # Ray Data would retry such an item on fresh workers forever; our runs try it RAY_TASK_RETRIES more times
+    # Ray Data would retry such an item on fresh workers forever; our runs try it TASK_RETRIES more times
     import subprocess
     import sys
 

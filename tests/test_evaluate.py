@@ -12,7 +12,7 @@ import pytest
 from pipelines import cli
 from pipelines import evaluate as job
 from pipelines.engines import EngineOptions
-from pipelines.evaluate import METRICS_SCHEMA, EvaluateStep, buckets, run_evaluate, work_items
+from pipelines.evaluate import METRICS_SCHEMA, EvaluateSettings, EvaluateStep, buckets, run_evaluate, work_items
 from pipelines.preprocess import load_config, run_preprocess
 from transforms import synth
 from transforms.manifest import read_manifest
@@ -35,13 +35,14 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def beam_eval(tmp_path_factory, shards):
     out = tmp_path_factory.mktemp("eval-beam")
-    return out, run_evaluate(str(shards), str(out), MODELS, [6.0], EngineOptions("beam", workers=2),
-                             n_boot=200, log=lambda *_: None)
+    return out, run_evaluate(EvaluateSettings(str(shards), str(out), MODELS, [6.0], n_boot=200),
+                             EngineOptions("beam", workers=2), log=lambda *_: None)
 
 
 def test_beam_and_ray_give_identical_metrics(tmp_path, shards, beam_eval):
     beam_out, _ = beam_eval
-    run_evaluate(str(shards), str(tmp_path), MODELS, [6.0], EngineOptions("ray", workers=2), n_boot=200, log=lambda *_: None)
+    run_evaluate(EvaluateSettings(str(shards), str(tmp_path), MODELS, [6.0], n_boot=200),
+                 EngineOptions("ray", workers=2), log=lambda *_: None)
     metrics = [pq.read_table(out / "metrics.parquet") for out in (beam_out, tmp_path)]
     assert metrics[0].equals(metrics[1], check_metadata=True)  # the run's settings too
     assert pq.read_table(beam_out / "predictions.parquet").equals(pq.read_table(tmp_path / "predictions.parquet"))
@@ -89,8 +90,8 @@ def test_a_run_where_every_recording_fails_still_finishes(tmp_path, shards):
     broken = tmp_path / "pre"
     broken.mkdir()
     (broken / "manifest.parquet").write_bytes((shards / "manifest.parquet").read_bytes())  # shards/ is missing
-    result = run_evaluate(str(broken), str(tmp_path / "eval"), ["pos"], [6.0], EngineOptions("beam", workers=1),
-                          n_boot=10, log=lambda *_: None)
+    result = run_evaluate(EvaluateSettings(str(broken), str(tmp_path / "eval"), ["pos"], [6.0], n_boot=10),
+                          EngineOptions("beam", workers=1), log=lambda *_: None)
     assert {r["status"] for r in result["predictions"]} == {"failed"} and result["metrics"] == []
     assert pq.read_schema(tmp_path / "eval" / "metrics.parquet").remove_metadata() == METRICS_SCHEMA
     text = (tmp_path / "eval" / "report.html").read_text()
@@ -122,10 +123,10 @@ def test_one_models_bad_output_fails_its_row_alone(tmp_path, shards, monkeypatch
     feed = step.models.feed
 
     def green_says_nan(streams):
-        predictors = feed(streams)
-        finish = predictors["green"].finish
-        predictors["green"].finish = lambda keep=None: [np.full_like(b, np.nan) for b in finish(keep)]
-        return predictors
+        fed = feed(streams)
+        finish = fed.predictors["green"].finish
+        fed.predictors["green"].finish = lambda keep=None: [np.full_like(b, np.nan) for b in finish(keep)]
+        return fed
 
     monkeypatch.setattr(step.models, "feed", green_says_nan)
     rows = step(_bucket(shards))["rows"]
@@ -194,9 +195,8 @@ def test_on_a_gpu_the_metrics_match_the_cpu_run(tmp_path, shards, beam_eval, eng
     # run with `pytest -m gpu` on a machine with JAX's CUDA plugin (pip install -e '.[gpu]')
     assert _has_gpu()
     cpu = {(r["recording_id"], r["model"]): r for r in beam_eval[1]["predictions"]}
-    gpu = run_evaluate(str(shards), str(tmp_path), MODELS, [6.0],
-                       EngineOptions(engine, workers=1, num_gpus=1), n_boot=200, recordings_per_call=8,
-                       log=lambda *_: None)
+    gpu = run_evaluate(EvaluateSettings(str(shards), str(tmp_path), MODELS, [6.0], n_boot=200, recordings_per_call=8),
+                       EngineOptions(engine, workers=1, num_gpus=1), log=lambda *_: None)
     for r in gpu["predictions"]:
         c = cpu[(r["recording_id"], r["model"])]
         assert r["status"] == c["status"]

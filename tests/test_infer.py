@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import skimage.data
 
-from pipelines.infer import InferError, infer_models
+from pipelines.infer import infer_models
 from pipelines.predictors import ModelSet
 from ground_truth import true_hr
 from transforms import synth
+from transforms.errors import ItemFailed
 from transforms.resample import resample_signal
 from transforms.signal import postprocess_bvp
 
@@ -120,7 +121,7 @@ def test_unknown_weights_and_models_are_clear_errors():
         ModelSet(["me-turbo"])
 
 
-def test_no_face_raises_infer_error(tmp_path):
+def test_no_face_raises_item_failed(tmp_path):
     path = write_frames(tmp_path / "blank.mp4", (np.zeros((120, 160, 3), np.uint8) for _ in range(90)))
-    with pytest.raises(InferError, match="no face"):
+    with pytest.raises(ItemFailed, match="no face"):
         infer_models(str(path), ["pos"])

@@ -9,7 +9,8 @@ import fsspec
 import pytest
 
 from transforms.manifest import (
-    MANIFEST_SCHEMA, by_recording, config_hash, fingerprint, read_manifest, source_stats, up_to_date, write_manifest,
+    MANIFEST_SCHEMA, ManifestError, by_recording, config_hash, fingerprint, read_manifest, shard_problem, source_stats,
+    up_to_date, write_manifest,
 )
 
 
@@ -21,7 +22,8 @@ def _row(dataset: str, rid: str, status: str = "ok", **extra) -> dict:
         n_frames=900 if ok else None, duration_s=30.0 if ok else None, n_segments=1 if ok else None,
         face_fraction=0.5 if ok else None, fingerprint=f"fp-{rid}", config_hash="c0ffee",
         shard=f"shards/{dataset}/{rid}.parquet" if ok else None, metadata_json=json.dumps({"skin": 3}),
-        elapsed_s=1.5, **extra,
+        elapsed_s=1.5, shard_bytes=4096 if ok else None, source_fingerprint=f"src-{rid}", latest_failure=None,
+        **extra,
     )
 
 
@@ -136,3 +138,57 @@ def test_a_frame_folder_changes_when_any_frame_inside_changes(tmp_path):
     (folder / "1.png").write_bytes(b"yy")
     os.utime(folder / "1.png", (1_000_000, 1_000_000))
     assert source_stats([str(folder)], fs) != before
+
+
+def _written_shard(root, config_hash: str = "c0ffee", source_uri: str = "/src/a.avi") -> dict:
+    """A two-segment shard of recording `a` under root, and the ok manifest row a job writes for it."""
+    import numpy as np
+
+    from transforms.shards import shard_path, write_recording
+
+    fs, shard = fsspec.filesystem("file"), shard_path("pure", "a")
+    meta = {"recording_id": "a", "subject_id": "s1", "dataset": "pure", "source_uri": source_uri, "source_size": 10,
+            "source_mtime": "1", "config_hash": config_hash, "package_version": "test"}
+    n = 50
+    block = (np.arange(n) / 30, np.zeros((n, 4, 4, 3), np.uint8), np.ones(n, bool), np.zeros((n, 4), np.float32), None)
+    counts = write_recording(f"{root}/{shard}", fs, meta, [block], segment_frames=30)
+    return {**_row("pure", "a"), "source_uri": source_uri, "config_hash": config_hash, "shard": shard,
+            "n_segments": counts.n_segments, "shard_bytes": fs.size(f"{root}/{shard}")}
+
+
+def test_shard_problem_accepts_the_shard_a_row_describes_and_says_what_differs(tmp_path):
+    fs, root = fsspec.filesystem("file"), str(tmp_path)
+    row = _written_shard(root)
+    path = tmp_path / row["shard"]
+    assert shard_problem(row, fs, root) is None
+    assert shard_problem({**row, "shard_bytes": None}, fs, root) is None  # a manifest from before the column
+    assert "says 7" in shard_problem({**row, "shard_bytes": 7}, fs, root)
+    assert "written with another config" in shard_problem({**row, "config_hash": "other"}, fs, root)
+    assert "another source" in shard_problem({**row, "source_uri": "/src/b.avi"}, fs, root)
+    assert "segments of a" in shard_problem({**row, "n_segments": 5}, fs, root)
+    path.write_bytes(path.read_bytes()[: row["shard_bytes"] // 2])
+    assert "bytes, the manifest says" in shard_problem(row, fs, root)
+    assert "unreadable" in shard_problem({**row, "shard_bytes": None}, fs, root)  # truncated: no footer
+    path.unlink()
+    assert shard_problem(row, fs, root).endswith("missing")
+
+
+def test_a_damaged_manifest_is_an_error_naming_it_not_an_empty_one(tmp_path):
+    fs, uri = fsspec.filesystem("file"), str(tmp_path / "manifest.parquet")
+    write_manifest([_row("pure", "a")], uri, fs)
+    data = (tmp_path / "manifest.parquet").read_bytes()
+    (tmp_path / "manifest.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ManifestError, match=f"^{uri}: not a readable manifest"):
+        read_manifest(uri, fs)
+
+
+def test_a_manifest_from_before_the_new_columns_reads_them_as_null(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    new = ("shard_bytes", "source_fingerprint", "latest_failure")
+    old = pa.schema([f for f in MANIFEST_SCHEMA if f.name not in new])
+    row = {k: v for k, v in _row("pure", "a").items() if k in old.names}
+    pq.write_table(pa.Table.from_pylist([row], schema=old), tmp_path / "manifest.parquet")
+    [back] = read_manifest(str(tmp_path / "manifest.parquet"), fsspec.filesystem("file"))
+    assert back == {**row, "shard_bytes": None, "source_fingerprint": None, "latest_failure": None}

@@ -1,10 +1,12 @@
-"""transforms.metrics: hand-computed values, the subject bootstrap, and the levels of the metrics table."""
+"""transforms.metrics: hand-computed values, the subject bootstrap (against tests/reference.py's brute-force
+loop, itself checked on hand-computed cohorts), and the levels of the metrics table."""
 import math
 
 import numpy as np
 import pytest
 import scipy.stats
 
+from reference import bootstrap_ci
 from transforms import metrics as m
 
 PRED = [70.0, 80.0, 90.0]
@@ -67,7 +69,7 @@ def test_clear_errors():
         m.mape([70.0], [0.0])
 
 
-# --- bootstrap over subjects ------------------------------------------------------------------------
+# --- bootstrap over subjects: the brute-force reference on cohorts whose intervals are known ---------
 
 def normal_cohort(n_subjects=30, per_subject=3, seed=0):
     rng = np.random.default_rng(seed)
@@ -80,27 +82,27 @@ def normal_cohort(n_subjects=30, per_subject=3, seed=0):
 
 def test_bootstrap_is_reproducible_by_seed_and_varies_across_seeds():
     cohort = normal_cohort()
-    a = m.bootstrap_ci(cohort, m.mae, n_boot=300, seed=1)
-    assert a == m.bootstrap_ci(cohort, m.mae, n_boot=300, seed=1)
-    assert a != m.bootstrap_ci(cohort, m.mae, n_boot=300, seed=2)
+    a = bootstrap_ci(cohort, m.mae, n_boot=300, seed=1)
+    assert a == bootstrap_ci(cohort, m.mae, n_boot=300, seed=1)
+    assert a != bootstrap_ci(cohort, m.mae, n_boot=300, seed=2)
     # The subjects' order in the dict does not matter, only the seed.
-    assert a == m.bootstrap_ci(dict(reversed(list(cohort.items()))), m.mae, n_boot=300, seed=1)
+    assert a == bootstrap_ci(dict(reversed(list(cohort.items()))), m.mae, n_boot=300, seed=1)
 
 
 def test_bootstrap_ci_contains_the_point_estimate():
     cohort = normal_cohort()
     pred, true = np.array([p for v in cohort.values() for p in v]).T
     for statistic in (m.mae, m.rmse, m.pearson_r):
-        low, high = m.bootstrap_ci(cohort, statistic, n_boot=500)
+        low, high = bootstrap_ci(cohort, statistic, n_boot=500)
         assert low < statistic(pred, true) < high
-    low, high = m.bootstrap_ci(cohort, m.mae, n_boot=500, level=0.5)
-    assert (low, high) != m.bootstrap_ci(cohort, m.mae, n_boot=500)  # narrower at 50%
-    assert m.bootstrap_ci(cohort, m.mae, n_boot=500)[0] < low < high < m.bootstrap_ci(cohort, m.mae, n_boot=500)[1]
+    low, high = bootstrap_ci(cohort, m.mae, n_boot=500, level=0.5)
+    assert (low, high) != bootstrap_ci(cohort, m.mae, n_boot=500)  # narrower at 50%
+    assert bootstrap_ci(cohort, m.mae, n_boot=500)[0] < low < high < bootstrap_ci(cohort, m.mae, n_boot=500)[1]
 
 
 def test_bootstrap_ci_is_a_point_when_every_subject_is_identical():
     same = [(70.0, 72.0), (80.0, 78.0), (90.0, 95.0)]
-    low, high = m.bootstrap_ci({s: list(same) for s in range(8)}, m.mae, n_boot=200)
+    low, high = bootstrap_ci({s: list(same) for s in range(8)}, m.mae, n_boot=200)
     assert low == pytest.approx(3.0) and high == pytest.approx(3.0)
 
 
@@ -109,16 +111,16 @@ def test_bootstrap_resamples_subjects_not_recordings():
     # pools AA (MAE 0), AB (10/11) or BB (10), so the 95% interval is exactly [0, 10]. Drawing
     # recordings would give about [0, 2.7] (k of 11 draws hit B's recording, k ~ Binomial(11, 1/11)).
     cohort = {"A": [(70.0, 70.0)] * 10, "B": [(90.0, 80.0)]}
-    assert m.bootstrap_ci(cohort, m.mae, n_boot=2000) == (0.0, 10.0)
+    assert bootstrap_ci(cohort, m.mae, n_boot=2000) == (0.0, 10.0)
     by_recording = {i: [v] for i, v in enumerate(cohort["A"] + cohort["B"])}
-    low, high = m.bootstrap_ci(by_recording, m.mae, n_boot=2000)
+    low, high = bootstrap_ci(by_recording, m.mae, n_boot=2000)
     assert low == 0.0 and high < 4.0
 
 
 def test_bootstrap_passes_one_array_per_tuple_position():
     # Pools: aa (statistic 2 - 0), ab (3 - 1/3) or bb (5 - 1), drawn 1/4, 1/2 and 1/4 of the time.
     cohort = {"a": [(1.0, 0.0), (3.0, 0.0)], "b": [(5.0, 1.0)]}
-    low, high = m.bootstrap_ci(cohort, lambda p, t: float(np.mean(p) - np.mean(t)), n_boot=500)
+    low, high = bootstrap_ci(cohort, lambda p, t: float(np.mean(p) - np.mean(t)), n_boot=500)
     assert (low, high) == pytest.approx((2.0, 4.0))
 
 
@@ -126,9 +128,9 @@ def test_bootstrap_skips_resamples_where_the_statistic_is_undefined():
     # Pools: aa has 2 pairs, no Pearson r; ab has r of its 3 points; bb 2 distinct points twice, r = 1.
     # Left out, aa would put NaN at the low end; it is skipped, so the interval runs from ab's r to 1.
     cohort = {"a": [(70.0, 71.0)], "b": [(80.0, 79.0), (90.0, 92.0)]}
-    low, high = m.bootstrap_ci(cohort, m.pearson_r, n_boot=200)
+    low, high = bootstrap_ci(cohort, m.pearson_r, n_boot=200)
     assert (low, high) == pytest.approx((m.pearson_r([70.0, 80.0, 90.0], [71.0, 79.0, 92.0]), 1.0))
-    assert all(math.isnan(x) for x in m.bootstrap_ci({"a": [(70.0, 71.0)]}, m.pearson_r, n_boot=20))
+    assert all(math.isnan(x) for x in bootstrap_ci({"a": [(70.0, 71.0)]}, m.pearson_r, n_boot=20))
 
 
 # --- the metrics table -------------------------------------------------------------------------------
@@ -241,7 +243,36 @@ def test_cohort_ci_matches_bootstrap_ci():
     per_subject = {}
     for r in rows:
         per_subject.setdefault(("UBFC", r["subject_id"]), []).append((r["hr_pred"], r["hr_true"]))
-    assert (cohort["mae_lo"], cohort["mae_hi"]) == pytest.approx(m.bootstrap_ci(per_subject, m.mae, n_boot=300, seed=4))
+    assert (cohort["mae_lo"], cohort["mae_hi"]) == pytest.approx(bootstrap_ci(per_subject, m.mae, n_boot=300, seed=4))
+
+
+def _mean_finite_snr(pred, true, snr):
+    snr = snr[np.isfinite(snr)]
+    return float(snr.mean()) if snr.size else float("nan")  # NaN: left out
+
+
+@pytest.mark.parametrize("rows", [
+    small_rows(),  # a recording without prediction, resamples where r is undefined, a constant SNR
+    [rec("pos", "A", f"a{i}", 70.0, 70.0 + (i % 3)) for i in range(10)]
+    + [rec("pos", "B", "b", 90.0, 80.0, snr=np.nan)],
+    [rec("pos", f"s{i % 4}", f"r{i}", 60.0 + 7 * i % 50, 62.0 + 5 * i % 45, snr=float(i % 5)) for i in range(17)],
+])
+def test_every_cohort_ci_matches_the_brute_force_reference(rows):
+    statistics = {"mae": lambda p, t, s: m.mae(p, t), "rmse": lambda p, t, s: m.rmse(p, t),
+                  "mape": lambda p, t, s: m.mape(p, t), "r": lambda p, t, s: m.pearson_r(p, t),
+                  "snr": _mean_finite_snr}
+    table = m.metrics_table(rows, n_boot=250, seed=9, level=0.9)
+    for model in sorted({r["model"] for r in rows}):
+        per_subject = {}
+        for r in rows:
+            if r["model"] == model and not (np.isnan(r["hr_pred"]) or np.isnan(r["hr_true"])):
+                per_subject.setdefault((r["dataset"], r["subject_id"]), []).append(
+                    (r["hr_pred"], r["hr_true"], r["snr_db"]))
+        cohort = by_level(table, "cohort", model=model)[0]
+        for name, statistic in statistics.items():
+            want = bootstrap_ci(per_subject, statistic, n_boot=250, seed=9, level=0.9)
+            got = (cohort[f"{name}_lo"], cohort[f"{name}_hi"])
+            assert got == pytest.approx(want, rel=1e-12), (model, name)
 
 
 def test_one_subject_gets_its_metrics_but_no_interval():

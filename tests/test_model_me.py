@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model import MEState, apply_chunk, flow_frames, flow_step, init_state, me_rppg, param_count, state_bytes
 from model.config import ME, MEConfig
-from model.me_rppg import MEState, apply_chunk, flow_frames, flow_step, init_state, param_count, state_bytes
 
 SMALL = MEConfig(chunk=16, image=12, n_blocks=1, layers_per_block=1, head_layers=1)
 # XLA's CPU backend spends most of these tests compiling; its cheaper optimisation level halves that.
@@ -20,7 +20,8 @@ _compiled = {}
 
 
 def _run(fn, params, x, state, *dynamic):
-    """fn(params, x, state, *dynamic, cfg=SMALL), compiled once per input shape with FAST_COMPILE."""
+    """fn(params, x, state, *dynamic, cfg=SMALL) for a compiled entry point (model.apply_chunk, ...), compiled
+    once per input shape with FAST_COMPILE."""
     x = jnp.asarray(x)
     key = (fn, x.shape, len(dynamic))
     if key not in _compiled:
@@ -95,11 +96,12 @@ def test_flow_frames_equals_flow_step_frame_by_frame(params):
 
 
 def test_nested_in_a_callers_jit_equals_top_level(params):
-    # Called while tracing, apply_chunk and flow_step compile without their own XLA options (see _jit).
+    # The plain function of model.me_rppg, nested in a caller's jit (with the caller's options), against the
+    # entry point that model compiles at the top level with its own XLA options.
     frames = jnp.asarray(_frames(16))
     s0 = init_state(1, SMALL)
     y, s = _run(apply_chunk, params, frames, s0)
-    nested = jax.jit(lambda p, f, st: apply_chunk(p, f, st, cfg=SMALL), compiler_options=FAST_COMPILE)
+    nested = jax.jit(lambda p, f, st: me_rppg.apply_chunk(p, f, st, cfg=SMALL), compiler_options=FAST_COMPILE)
     y_nested, s_nested = nested(params, frames, s0)
     _close(y_nested, y)
     jax.tree.map(_close, s_nested, s)
@@ -131,12 +133,26 @@ def test_bad_flow_frame_and_state_batch(params):
 
 
 def test_parameter_count_matches_file(params):
-    from model.weights import h5_value_count
+    from model.weights import check_weights  # what `python -m model.weights --check` runs on each file
 
-    assert param_count(params) == h5_value_count("rlap") == 604_909
+    assert param_count(params) == check_weights("rlap") == 604_909
     from model.weights import load_params
 
-    assert param_count(load_params("pure")) == h5_value_count("pure")
+    assert param_count(load_params("pure")) == check_weights("pure")
+
+
+def test_check_fails_on_a_stored_value_not_imported(tmp_path):
+    import shutil
+
+    import h5py
+
+    from model.weights import check_weights, weights_path
+
+    path = shutil.copy(weights_path("rlap"), tmp_path / "extra.weights.h5")
+    with h5py.File(path, "a") as f:
+        f["layers/unused/vars/0"] = np.zeros(3, np.float32)  # a layer the network does not have
+    with pytest.raises(ValueError, match="604,912 values stored, 604,909 imported"):
+        check_weights(path)
 
 
 def test_load_and_initial_state():

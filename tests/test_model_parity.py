@@ -33,7 +33,7 @@ def _assert_matches(ours, ref):
 
 @pytest.mark.parametrize("weights", ["rlap", "pure"])
 def test_chunk_mode(fixture, published, weights):
-    from model.me_rppg import apply_chunk
+    from model import apply_chunk
 
     params, state0 = published
     bvp, _ = apply_chunk(params[weights], jnp.asarray(fixture["frames"]), state0)
@@ -42,7 +42,7 @@ def test_chunk_mode(fixture, published, weights):
 
 @pytest.mark.parametrize("weights", ["rlap", "pure"])
 def test_flow_mode(fixture, published, weights):
-    from model.me_rppg import flow_frames
+    from model import flow_frames
 
     params, state = published
     frames = jnp.asarray(fixture["frames"][: int(fixture["n_flow"])])
@@ -56,7 +56,7 @@ def test_bfloat16_convolutions_stay_within_the_stated_bound(fixture, published, 
     import dataclasses
 
     from model.config import ME
-    from model.me_rppg import apply_chunk
+    from model import apply_chunk
 
     params, state0 = published
     bvp, _ = apply_chunk(params[weights], jnp.asarray(fixture["frames"]), state0,

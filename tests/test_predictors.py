@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.predictors import FPS, ModelSet, lockstep
+from pipelines.predictors import FPS, Block, ModelSet, lockstep
 from transforms.baselines import pos, rgb_means
+from transforms.errors import ItemFailed
 
 LENGTHS = (2 * 160 + 37, 170, 60)  # a long one, one just past a chunk, one shorter than a chunk
 
@@ -59,7 +60,7 @@ def test_chunk_mode_in_a_batch_equals_each_recording_alone(me):
     import model
 
     streams = _streams()
-    bvps = ModelSet(["me-chunk"]).feed([_blocks(f, m, 50) for f, m in streams])["me-chunk"].finish()
+    bvps = ModelSet(["me-chunk"]).feed([_blocks(f, m, 50) for f, m in streams]).predictors["me-chunk"].finish()
     for (frames, found), bvp in zip(streams, bvps):
         expected, _ = model.apply_chunk(me.params, np.where(found[:, None, None, None], frames, 0), me.initial_state)
         assert bvp.shape == (len(frames),)
@@ -70,7 +71,7 @@ def test_flow_mode_in_a_batch_equals_flow_step_frame_by_frame(me):
     import model
 
     streams = _streams()[1:]  # 170 and 60 frames: two blocks
-    bvps = ModelSet(["me-flow"]).feed([_blocks(f, m, 64) for f, m in streams])["me-flow"].finish()
+    bvps = ModelSet(["me-flow"]).feed([_blocks(f, m, 64) for f, m in streams]).predictors["me-flow"].finish()
     for (frames, found), bvp in zip(streams, bvps):
         state, expected = me.initial_state, []
         for frame, face in zip(frames, found):
@@ -81,11 +82,36 @@ def test_flow_mode_in_a_batch_equals_flow_step_frame_by_frame(me):
 
 def test_baselines_in_a_batch_equal_each_recording_alone_and_unkept_streams_give_none():
     streams = _streams()
-    bvps = ModelSet(["pos"]).feed([_blocks(f, m, 33) for f, m in streams])["pos"].finish(keep=[True, False, True])
+    fed = ModelSet(["pos"]).feed([_blocks(f, m, 33) for f, m in streams])
+    bvps = fed.predictors["pos"].finish(keep=[True, False, True])
     assert bvps[1] is None
     for k in (0, 2):
         frames, found = streams[k]
         np.testing.assert_allclose(bvps[k], pos(rgb_means(frames, found), FPS), rtol=1e-12)
+
+
+def test_feed_returns_what_each_stream_read_and_an_item_failure_ends_only_its_stream():
+    streams = _streams()
+    truths = [np.linspace(0, 1, len(f)) for f, _ in streams]
+
+    def failing(frames, found):
+        yield Block(frames[:100], found[:100])
+        raise ItemFailed("recording 1: cannot read the rest")
+
+    fed = ModelSet(["pos"]).feed([
+        [Block(f[s:s + 40], m[s:s + 40], truth=t[s:s + 40], timestamps=np.arange(s, min(s + 40, len(f))) / FPS)
+         for s in range(0, len(f), 40)] if k != 1 else failing(f, m)
+        for k, ((f, m), t) in enumerate(zip(streams, truths))])
+    first, second, third = fed.reads
+    np.testing.assert_array_equal(first.face_found, streams[0][1])
+    np.testing.assert_array_equal(first.truth, truths[0])
+    np.testing.assert_allclose(first.timestamps, np.arange(LENGTHS[0]) / FPS)
+    assert first.error is None and third.error is None
+    assert str(second.error) == "recording 1: cannot read the rest" and len(second.face_found) == 100
+    assert second.truth is None and second.timestamps is None  # its block came without them
+    bvps = fed.predictors["pos"].finish()
+    assert [len(b) for b in bvps] == [LENGTHS[0], 100, LENGTHS[2]]
+    np.testing.assert_allclose(bvps[2], pos(rgb_means(*streams[2]), FPS), rtol=1e-12)
 
 
 _CACHED_RUN = """
@@ -95,7 +121,7 @@ hits = []
 jax.monitoring.register_event_listener(lambda event, **_: hits.append(event == "/jax/compilation_cache/cache_hits"))
 rng = np.random.default_rng(3)
 frames, found = rng.integers(40, 220, (200, 36, 36, 3), dtype=np.uint8), np.ones(200, bool)
-np.save(sys.argv[1], ModelSet(["me-chunk"]).feed([[(frames, found)]])["me-chunk"].finish()[0])
+np.save(sys.argv[1], ModelSet(["me-chunk"]).feed([[(frames, found)]]).predictors["me-chunk"].finish()[0])
 print(sum(hits))
 """
 

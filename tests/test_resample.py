@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from transforms.resample import Resampler, resample_signal
+from transforms.resample import GAP_SPACINGS, Resampler, longest_bridged_s, resample_signal
 
 
 def push_in_chunks(resampler, t, x, sizes):
@@ -102,3 +102,51 @@ def test_resample_signal_linear_with_nan_outside():
     assert np.isnan(out[~inside]).all() and (~inside).sum() == 10
     with pytest.raises(ValueError):
         resample_signal(t_src[::-1], y, t_dst)
+
+
+def test_resample_signal_leaves_a_time_gap_nan_instead_of_a_straight_line():
+    t_src = np.arange(0, 600) / 60  # 10 s of a 60 Hz label
+    y = np.sin(2 * np.pi * 1.2 * t_src)
+    kept = (t_src < 3.0) | (t_src > 4.5)  # the sensor dropped out for 1.5 s: samples left out
+    t_dst = np.arange(300) / 30
+    out = resample_signal(t_src[kept], y[kept], t_dst)
+    gap = (t_dst > t_src[kept][t_src[kept] < 3.0][-1]) & (t_dst < t_src[kept][t_src[kept] > 4.5][0])
+    assert gap.sum() == 46 and np.isnan(out[gap]).all()  # frames 90-135: 2.98 s < t < 4.52 s
+    np.testing.assert_allclose(out[~gap], np.interp(t_dst[~gap], t_src[kept], y[kept]))
+
+
+def test_resample_signal_leaves_a_run_of_nans_nan_and_keeps_the_samples_around_it():
+    t_src = np.arange(0, 120) / 60
+    y = np.cos(t_src)
+    y[40:55] = np.nan
+    t_dst = np.arange(60) / 30
+    out = resample_signal(t_src, y, t_dst)
+    across = (t_dst > t_src[39]) & (t_dst < t_src[55])
+    assert np.isnan(out[across]).all()
+    np.testing.assert_allclose(out[~across], np.interp(t_dst[~across], t_src, y))
+    assert out[t_dst == t_src[38]] == y[38] and np.isfinite(out[~across]).all()  # sample times keep their values
+
+
+def test_resample_signal_bridges_a_dropped_sample_and_honours_max_gap():
+    t_src = np.delete(np.arange(100) / 50, [30, 60, 61])  # one sample missing, then two: 2 and 3 spacings
+    y = t_src * 2.0  # linear: bridged values are exact
+    t_dst = np.arange(59) / 30
+    assert longest_bridged_s(t_src) == pytest.approx(GAP_SPACINGS / 50)
+    np.testing.assert_allclose(resample_signal(t_src, y, t_dst), 2 * t_dst)  # 3 spacings are still bridged
+    out = resample_signal(t_src, y, t_dst, max_gap_s=2.5 / 50)  # now the two missing ones make a gap
+    inside = (t_dst > 59 / 50) & (t_dst < 62 / 50)
+    assert inside.sum() == 2 and np.isnan(out[inside]).all()
+    np.testing.assert_allclose(out[~inside], 2 * t_dst[~inside])
+
+
+def test_resample_signal_by_blocks_with_the_gap_limit_computed_once_equals_one_shot():
+    rng = np.random.default_rng(7)
+    t_src = np.cumsum(rng.uniform(0.014, 0.02, 700))
+    t_src = t_src[(t_src < 4) | (t_src > 5)]
+    y = rng.normal(size=len(t_src))
+    t_dst = np.arange(0, 10, 1 / 30)
+    whole = resample_signal(t_src, y, t_dst)
+    limit = longest_bridged_s(t_src)
+    blocks = np.concatenate([resample_signal(t_src, y, t_dst[k:k + 64], limit) for k in range(0, len(t_dst), 64)])
+    np.testing.assert_array_equal(blocks, whole)
+    assert np.isnan(whole[(t_dst > 4.02) & (t_dst < 5)]).all()

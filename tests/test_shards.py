@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from shard_helpers import read_recording
+from transforms.resample import FPS
 from transforms.shards import (
-    SCHEMA, Segment, SegmentBuilder, ShardWriter, read_recording, read_segments, segment_rows, segments_of_table,
-    write_shard,
+    SCHEMA, RecordingCounts, Segment, SegmentBuilder, ShardWriter, read_segments, segments_of_table, write_recording,
 )
 
 SEG = 50  # small segments keep the tests fast; the default (900) is only a number
@@ -30,7 +31,7 @@ def _recording(seed: int, n: int, with_bvp: bool, hw=(36, 36)):
     boxes = np.where(found[:, None], rng.uniform(0, 400, (n, 4)), np.nan)
     crops = rng.integers(0, 256, (n, *hw, 3), dtype=np.uint8) * found[:, None, None, None].astype(np.uint8)
     bvp = rng.standard_normal(n) if with_bvp else None
-    return np.arange(n) / 30.0, crops, found, boxes, bvp
+    return np.arange(n) / FPS, crops, found, boxes, bvp
 
 
 def _blocks(arrays, sizes):
@@ -42,6 +43,13 @@ def _blocks(arrays, sizes):
             yield t[a:b], crops[a:b], found[a:b], boxes[a:b], None if bvp is None else bvp[a:b]
 
 
+def _rows(meta, blocks):
+    """The segment rows of one recording pushed block by block through a SegmentBuilder."""
+    builder = SegmentBuilder(meta, SEG)
+    rows = [row for block in blocks for row in builder.push(*block)]
+    return rows + builder.finish()
+
+
 # (recording_id, frames, with bvp, augment scale): lengths not a multiple of SEG, one exact, one short
 RECORDINGS = [("s001-r01", 137, True, None), ("s001-r02", 100, False, None), ("s002-r01", 23, True, 1.25)]
 
@@ -50,7 +58,7 @@ def _all_rows():
     rows, arrays = [], {}
     for i, (rid, n, with_bvp, scale) in enumerate(RECORDINGS):
         arrays[rid] = _recording(i, n, with_bvp)
-        rows += segment_rows(_meta(rid, scale), _blocks(arrays[rid], [64] * 10), SEG)
+        rows += _rows(_meta(rid, scale), _blocks(arrays[rid], [64] * 10))
     return rows, arrays
 
 
@@ -77,7 +85,9 @@ def test_round_trip(target):
     fs, root = target
     rows, arrays = _all_rows()
     uri = f"{root}/shards/part-0.parquet"
-    assert write_shard(uri, fs, rows, row_group_bytes=100_000) == len(rows)
+    with ShardWriter(uri, fs, row_group_bytes=100_000) as writer:
+        writer.write_rows(rows)
+    assert writer.n_rows == len(rows)
     assert fs.ls(f"{root}/shards", detail=False) == [fs._strip_protocol(uri)]  # no temp file left
 
     segments = list(read_segments(uri, fs))
@@ -107,7 +117,7 @@ def test_round_trip(target):
 
 def test_frames_are_views_of_arrow_memory(tmp_path):
     fs, uri = fsspec.filesystem("file"), str(tmp_path / "a.parquet")
-    write_shard(uri, fs, segment_rows(_meta("s001-r01"), [_recording(0, 120, True)], SEG))
+    write_recording(uri, fs, _meta("s001-r01"), [_recording(0, 120, True)], SEG)
     with fs.open(uri, "rb") as f:
         table = pq.ParquetFile(f).read_row_group(0)
     frames_data = np.frombuffer(table.column("frames").chunks[0].buffers()[2], np.uint8)  # the column's data buffer
@@ -123,7 +133,7 @@ def test_frames_are_views_of_arrow_memory(tmp_path):
 
 def test_columns_subset_reads_only_those(tmp_path):
     fs, uri = fsspec.filesystem("file"), str(tmp_path / "a.parquet")
-    write_shard(uri, fs, segment_rows(_meta("s001-r01"), [_recording(0, 120, False)], SEG))
+    write_recording(uri, fs, _meta("s001-r01"), [_recording(0, 120, False)], SEG)
     segs = list(read_segments(uri, fs, columns=["recording_id", "face_found"]))
     assert [s.n_frames for s in segs] == [50, 50, 20]  # shape columns come along with an array
     assert segs[0].frames is None and segs[0].face_found.shape == (50,) and segs[0].config_hash is None
@@ -134,8 +144,8 @@ def test_columns_subset_reads_only_those(tmp_path):
 @pytest.mark.parametrize("sizes", [[1] * 7 + [3, 200, 5], [49, 1, 50, 37], [SEG], [10_000]])
 def test_uneven_blocks_give_the_same_rows_as_one_block(sizes):
     arrays = _recording(3, 237, True)
-    whole = list(segment_rows(_meta("s003-r01"), [arrays], SEG))
-    assert list(segment_rows(_meta("s003-r01"), _blocks(arrays, sizes), SEG)) == whole
+    whole = _rows(_meta("s003-r01"), [arrays])
+    assert _rows(_meta("s003-r01"), _blocks(arrays, sizes)) == whole
     assert [r["n_frames"] for r in whole] == [50, 50, 50, 50, 37]
 
 
@@ -172,18 +182,21 @@ def test_an_error_inside_the_writer_leaves_nothing(target):
 def test_an_existing_shard_survives_a_failed_rewrite(tmp_path):
     fs, uri = fsspec.filesystem("file"), str(tmp_path / "a.parquet")
     rows, _ = _all_rows()
-    write_shard(uri, fs, rows)
+    with ShardWriter(uri, fs) as writer:
+        writer.write_rows(rows)
     before = fs.cat(uri)
     with pytest.raises(pa.ArrowInvalid):
-        write_shard(uri, fs, [{**rows[0], "frames": "not bytes", "n_frames": "x"}])
+        with ShardWriter(uri, fs) as writer:
+            writer.write_rows([{**rows[0], "frames": "not bytes", "n_frames": "x"}])
     assert fs.cat(uri) == before and fs.ls(str(tmp_path), detail=False) == [uri]
 
 
 def test_row_groups_hold_about_the_bytes_asked_for(tmp_path):
     fs, uri = fsspec.filesystem("file"), str(tmp_path / "a.parquet")
-    rows = list(segment_rows(_meta("s005-r01"), [_recording(5, 1000, True)], SEG))  # 20 rows of ~200 kB
+    rows = _rows(_meta("s005-r01"), [_recording(5, 1000, True)])  # 20 rows of ~200 kB
     row_bytes = sum(len(rows[0][k]) for k in ("timestamps", "frames", "face_found", "face_box", "bvp"))
-    write_shard(uri, fs, rows, row_group_bytes=4 * row_bytes)
+    with ShardWriter(uri, fs, row_group_bytes=4 * row_bytes) as writer:
+        writer.write_rows(rows)
     meta = pq.ParquetFile(uri).metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4] * 5
     assert meta.metadata[b"pulsepipe.schema"] == b"segments/1"  # the Arrow schema (with docs) travels in the file
@@ -192,21 +205,54 @@ def test_row_groups_hold_about_the_bytes_asked_for(tmp_path):
 def test_same_rows_give_identical_bytes(target):
     fs, root = target
     rows, _ = _all_rows()
-    write_shard(f"{root}/a.parquet", fs, rows, row_group_bytes=50_000)
-    write_shard(f"{root}/b.parquet", fs, rows, row_group_bytes=50_000)
+    for name in ("a", "b"):
+        with ShardWriter(f"{root}/{name}.parquet", fs, row_group_bytes=50_000) as writer:
+            writer.write_rows(rows)
     assert fs.cat(f"{root}/a.parquet") == fs.cat(f"{root}/b.parquet")
 
 
 def test_read_recording_needs_an_id_for_a_mixed_shard_and_finds_gaps(tmp_path):
     fs, uri = fsspec.filesystem("file"), str(tmp_path / "a.parquet")
     rows, _ = _all_rows()
-    write_shard(uri, fs, rows)
+    own = [r for r in rows if r["recording_id"] == "s001-r01"]
+
+    def write(rows):
+        with ShardWriter(uri, fs) as writer:
+            writer.write_rows(rows)
+
+    write(rows)
     with pytest.raises(ValueError, match="several recordings"):
         read_recording(uri, fs)
-    own = [r for r in rows if r["recording_id"] == "s001-r01"]
-    write_shard(uri, fs, [own[0], own[2]])
+    write([own[0], own[2]])
     with pytest.raises(ValueError, match="does not follow"):
         read_recording(uri, fs)
-    write_shard(uri, fs, own[1:])
+    write(own[1:])
     with pytest.raises(ValueError, match="first segment"):
         read_recording(uri, fs)
+
+
+def test_write_recording_streams_blocks_into_one_shard_and_counts_them(target):
+    fs, root = target
+    uri = f"{root}/shards/s006-r01.parquet"
+    arrays = _recording(6, 137, True)
+    counts = write_recording(uri, fs, _meta("s006-r01"), _blocks(arrays, [64] * 10), SEG, row_group_bytes=100_000)
+    assert counts == RecordingCounts(n_frames=137, n_face=int(arrays[2].sum()), n_segments=3)
+    assert [(s.segment_index, s.n_frames) for s in read_segments(uri, fs)] == [(0, 50), (1, 50), (2, 37)]
+    np.testing.assert_array_equal(read_recording(uri, fs).frames, arrays[1])
+    assert fs.ls(f"{root}/shards", detail=False) == [fs._strip_protocol(uri)]  # no temp file left
+
+
+def test_write_recording_check_runs_before_the_shard_appears(tmp_path):
+    fs, uri = fsspec.filesystem("file"), str(tmp_path / "a.parquet")
+    seen = []
+    write_recording(uri, fs, _meta("s007-r01"), [_recording(7, 120, False)], SEG, check=seen.append)
+    assert seen == [RecordingCounts(120, int(_recording(7, 120, False)[2].sum()), 3)]
+    before = fs.cat(uri)
+
+    def refuse(counts):
+        assert not fs.exists(uri) or fs.cat(uri) == before  # the new shard is not in place yet
+        raise ValueError("too few faces")
+
+    with pytest.raises(ValueError, match="too few faces"):
+        write_recording(uri, fs, _meta("s007-r01"), [_recording(8, 60, False)], SEG, check=refuse)
+    assert fs.cat(uri) == before and fs.ls(str(tmp_path), detail=False) == [uri]

@@ -19,13 +19,17 @@ import math
 
 import numpy as np
 
-from transforms.resample import Resampler
+from transforms.resample import FPS, Resampler
 
-FPS = 30.0
 # Snap only float rounding of t / factor onto a source frame: a real blend weight is never this small.
 SNAP_S = 1e-6
 BIN_BPM = 10.0  # width of the heart-rate bins choose_factors fills
 FACTOR_RANGE = (0.5, 2.0)
+AUGMENTED_MARK = "@x"  # an augmented recording's id: <source id>@x<factor>
+
+
+def augmented_id(source_id: str, factor: float) -> str:
+    return f"{source_id}{AUGMENTED_MARK}{factor:.3f}"
 
 
 class TimeScaler:
@@ -71,21 +75,6 @@ class TimeScaler:
         t_out = (self._t0 if self._t0 is not None else 0.0) + np.arange(self._n_out, self._n_out + m) / self.fps
         self._n_out += m
         return t_out, frames_out, found_out, boxes_out, bvp_out
-
-    @property
-    def n_out(self) -> int:
-        """Output frames emitted so far."""
-        return self._n_out
-
-
-def time_scale(timestamps, frames, face_found, boxes, bvp, factor: float):
-    """The whole recording played `factor` times faster (see TimeScaler): HR of the result = HR * factor.
-
-    timestamps (T,), frames (T, H, W, 3) uint8, face_found (T,), boxes (T, 4), bvp (T,) or None.
-    Returns (timestamps (M,), frames (M, H, W, 3), face_found (M,), boxes (M, 4), bvp (M,) or None)
-    with M = floor((T - 1) / factor) + 1 for timestamps on the 30 fps grid.
-    """
-    return TimeScaler(factor).push(timestamps, frames, face_found, boxes, bvp)
 
 
 def hr_bins(hr_range, bin_bpm: float = BIN_BPM) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from mediapipe.tasks.python import BaseOptions, vision
 
 from transforms.published_files import published_path
+from transforms.resample import FPS
 
 MODEL_FILE = "blaze_face_short_range.tflite"
 
@@ -133,7 +134,7 @@ class _Kalman1D:
         self.q, self.r = process_noise, measurement_noise
 
     def update(self, measurement: float, dt: float) -> float:
-        predicted_error = self.error + self.q * (dt * 30.0) ** 2
+        predicted_error = self.error + self.q * (dt * FPS) ** 2
         gain = predicted_error / (predicted_error + self.r)
         self.estimate += gain * (measurement - self.estimate)
         self.error = (1 - gain) * predicted_error
@@ -178,8 +179,8 @@ class FaceTracker:
         centre shift by the box height/width (the published one divides by means of mixed coordinates);
         the filters restart on re-detection after a loss instead of dragging the crop from the old place.
         """
-        t = self._index / 30.0 if t is None else float(t)
-        dt = t - self._last_t if self._last_t is not None else 1 / 30
+        t = self._index / FPS if t is None else float(t)
+        dt = t - self._last_t if self._last_t is not None else 1 / FPS
         self._last_t = t
         if self._index % self.every == 0:
             self._detect(frame, t, dt)

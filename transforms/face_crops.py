@@ -11,10 +11,8 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from transforms.face import FaceDetector, FaceTracker, track_faces
-from transforms.resample import Resampler
+from transforms.resample import FPS, Resampler
 from transforms.video import VideoError, iter_blocks, probe
-
-FPS = 30.0
 
 
 class CropBlock(NamedTuple):

@@ -1,8 +1,13 @@
 """The run manifest: `OUT/manifest.parquet`, one row per source recording, ok or failed (the dead letters).
 
 A re-run skips a recording whose previous row is `ok` with the same fingerprint (sizes and mtimes/etags
-of all its source files, plus the config hash) and redoes failed and changed ones: `up_to_date`.
+of all its source files, plus the config hash) and whose shard is still the one the row describes (its
+size, config hash and source: `shard_problem`), and redoes failed and changed ones: `up_to_date`.
 "skipped" is a run-time notion (a row carried over unchanged), never a stored status.
+
+A row is the latest *good* result of its recording: when an attempt fails while the previous shard still
+describes the same source (same `source_fingerprint`, the shard intact), the row stays `ok` with that shard
+and its old fingerprint, and `latest_failure` says why the attempt failed; the next run tries again.
 
 Engine-free: pyarrow and fsspec only.
 """
@@ -10,15 +15,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
-import sys
-import time
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transforms.shards import atomic_file
+from transforms.shards import RECORDING_FIELDS, atomic_file, doc_field, read_segments
 
 STATUSES = ("ok", "failed")
 # fs.info keys that date or version a file, in order of preference: mtime (local disk, sftp, gcsfs),
@@ -26,31 +30,38 @@ STATUSES = ("ok", "failed")
 VERSION_KEYS = ("mtime", "LastModified", "updated", "ETag", "etag", "created")
 
 
-def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
-
-
 MANIFEST_SCHEMA = pa.schema(
     [
-        _field("recording_id", pa.string(), "recording id, unique within the dataset"),
-        _field("subject_id", pa.string(), "subject id"),
-        _field("dataset", pa.string(), "layout name"),
-        _field("source_uri", pa.string(), "URI of the recording's video, frame folder or array file"),
-        _field("status", pa.string(), "ok or failed"),
-        _field("reason", pa.string(), "why it failed; null when ok", True),
-        _field("n_source_frames", pa.int64(), "frames decoded from the source at its own rate", True),
-        _field("n_frames", pa.int64(), "frames after resampling to 30 fps", True),
-        _field("duration_s", pa.float64(), "n_frames / 30", True),
-        _field("n_segments", pa.int32(), "rows of the recording in its shard", True),
-        _field("face_fraction", pa.float32(), "fraction of 30 fps frames with a face", True),
-        _field("fingerprint", pa.string(), "sha256 of the source files' sizes and mtimes/etags and the config hash"),
-        _field("config_hash", pa.string(), "sha256 of the preprocessing config"),
-        _field("shard", pa.string(), "shard path relative to OUT; null when failed", True),
-        _field("metadata_json", pa.string(), "the recording's metadata from its layout, as JSON"),
-        _field("elapsed_s", pa.float64(), "wall time spent on the recording", True),
+        *RECORDING_FIELDS,
+        doc_field("source_uri", pa.string(), "URI of the recording's video, frame folder or array file"),
+        doc_field("status", pa.string(), "ok or failed"),
+        doc_field("reason", pa.string(), "why it failed; null when ok", True),
+        doc_field("n_source_frames", pa.int64(), "frames decoded from the source at its own rate", True),
+        doc_field("n_frames", pa.int64(), "frames after resampling to 30 fps", True),
+        doc_field("duration_s", pa.float64(), "n_frames / 30", True),
+        doc_field("n_segments", pa.int32(), "rows of the recording in its shard", True),
+        doc_field("face_fraction", pa.float32(), "fraction of 30 fps frames with a face", True),
+        doc_field("fingerprint", pa.string(), "sha256 of the source files' sizes and mtimes/etags and the config hash"),
+        doc_field("config_hash", pa.string(), "sha256 of the preprocessing config"),
+        doc_field("shard", pa.string(), "shard path relative to OUT; null when failed", True),
+        doc_field("metadata_json", pa.string(), "the recording's metadata from its layout, as JSON"),
+        doc_field("elapsed_s", pa.float64(), "wall time spent on the recording", True),
+        doc_field("shard_bytes", pa.int64(), "size of the shard when written; null when failed", True),
+        doc_field("source_fingerprint", pa.string(), "sha256 of what the shard is made from, without the config",
+                  True),
+        doc_field("latest_failure", pa.string(), "why the latest attempt failed while this ok row kept its "
+                  "previous shard; null otherwise", True),
     ],
     metadata={"pulsepipe.schema": "manifest/1"},
 )
+
+
+def package_version() -> str:
+    """The installed pulsepipe's version, which every shard row and report records."""
+    try:
+        return importlib.metadata.version("pulsepipe")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def canonical_json(obj) -> str:
@@ -67,6 +78,11 @@ def fingerprint(files: list[tuple[str, int, str]], config_hash: str) -> str:
     """sha256 hex of (uri, size, mtime-or-etag) of every source file, in any order, and the config hash."""
     entries = sorted([str(uri), int(size), None if version is None else str(version)] for uri, size, version in files)
     return hashlib.sha256(canonical_json({"files": entries, "config_hash": config_hash}).encode()).hexdigest()
+
+
+def source_fingerprint(files: list[tuple[str, int, str]]) -> str:
+    """The fingerprint of the source files alone: equal while only the config changes."""
+    return fingerprint(files, "")
 
 
 def source_stats(uris: list[str], fs: fsspec.AbstractFileSystem) -> list[tuple[str, int, str | None]]:
@@ -99,26 +115,6 @@ def up_to_date(previous: dict | None, fingerprint: str) -> bool:
     return previous is not None and previous["status"] == "ok" and previous["fingerprint"] == fingerprint
 
 
-def fill_row(row: dict, work, expected: tuple[type[Exception], ...], where: str) -> dict:
-    """A manifest row filled by `work() -> fields`: `ok`, or `failed` with the reason, never dropped.
-
-    expected: errors whose message already names the file and the reason; any other exception is a bug and
-    is reported as `where: internal error: ...`. Adds `elapsed_s` and prints one progress line to stderr.
-    """
-    started = time.perf_counter()
-    try:
-        row.update(work())
-        row.update(status="ok", reason=None)
-    except expected as e:
-        row.update(status="failed", reason=str(e))
-    except Exception as e:  # noqa: BLE001 - a bug must not drop the recording: it becomes a dead letter
-        row.update(status="failed", reason=f"{where}: internal error: {type(e).__name__}: {e}")
-    row["elapsed_s"] = round(time.perf_counter() - started, 3)
-    print(f"  {row['dataset']}/{row['recording_id']}: {row['status']}"
-          + (f" ({row['reason']})" if row["reason"] else f", {row['n_frames']} frames"), file=sys.stderr)
-    return row
-
-
 def write_manifest(rows: list[dict], uri: str, fs: fsspec.AbstractFileSystem) -> None:
     """Writes the manifest atomically, rows sorted by (dataset, recording_id); missing nullable fields are null.
 
@@ -144,17 +140,55 @@ def write_manifest(rows: list[dict], uri: str, fs: fsspec.AbstractFileSystem) ->
         pq.write_table(table, f, compression="zstd")
 
 
+def manifest_uri(root: str) -> str:
+    """Where an output root's manifest lies."""
+    return f"{root.rstrip('/')}/manifest.parquet"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read; str names its path."""
+
+
 def read_manifest(uri: str, fs: fsspec.AbstractFileSystem) -> list[dict]:
-    """The manifest's rows in stored order; [] when there is no manifest yet."""
+    """The manifest's rows in stored order; [] when there is no manifest yet. Columns added since a file was
+    written read as null. ManifestError (naming `uri`) for a file that is not a readable manifest."""
     if not fs.exists(uri):
         return []
-    with fs.open(uri, "rb") as f:
-        return pq.read_table(f, schema=MANIFEST_SCHEMA).to_pylist()
+    try:
+        with fs.open(uri, "rb") as f:
+            return pq.read_table(f, schema=MANIFEST_SCHEMA).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as e:  # a damaged file: ArrowInvalid, a folder: OSError
+        raise ManifestError(f"{uri}: not a readable manifest ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())})") from None
 
 
 def by_recording(rows: list[dict]) -> dict[tuple[str, str], dict]:
     """Manifest rows keyed by (dataset, recording_id)."""
     return {(r["dataset"], r["recording_id"]): r for r in rows}
+
+
+def shard_problem(row: dict, fs: fsspec.AbstractFileSystem, root: str) -> str | None:
+    """Why an ok row's shard is not the one the row describes, or None when it is: it must exist, have the
+    size the row recorded (`shard_bytes`, when known) and hold the row's segments, all with the row's config
+    hash and source. A shard deleted, truncated or replaced since (an interrupted run) fails this."""
+    uri = f"{root.rstrip('/')}/{row['shard']}"
+    try:
+        size = fs.size(uri)
+        if row.get("shard_bytes") is not None and size != row["shard_bytes"]:
+            return f"{uri}: {size} bytes, the manifest says {row['shard_bytes']}"
+        segments = [s for s in read_segments(uri, fs, columns=["recording_id", "config_hash", "source_uri"])
+                    if s.recording_id == row["recording_id"]]
+    except FileNotFoundError:
+        return f"{uri}: missing"
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return f"{uri}: unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
+    if row.get("n_segments") is not None and len(segments) != row["n_segments"]:
+        return f"{uri}: {len(segments)} segments of {row['recording_id']}, the manifest says {row['n_segments']}"
+    if any(s.config_hash != row["config_hash"] for s in segments):
+        return f"{uri}: written with another config than the manifest row's"
+    if any(s.source_uri != row["source_uri"] for s in segments):
+        return f"{uri}: made from another source than {row['source_uri']}"
+    return None
 
 
 def remove_stale_shards(previous: list[dict], rows: list[dict], fs, root: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from typing import Callable, Hashable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -103,23 +103,10 @@ def bland_altman(pred, true) -> dict[str, float]:
 
 # --- bootstrap over subjects ---------------------------------------------------------------------
 
-def _subject_arrays(per_subject_values: dict) -> list[np.ndarray]:
-    """Each subject's list of k-tuples as a (n_i, k) float64 array, subjects in sorted-key order."""
-    if not per_subject_values:
-        raise ValueError("bootstrap needs at least one subject")
-    widths = set()
-    arrays = []
-    for key in sorted(per_subject_values, key=repr):  # sorted: the seed alone fixes the result
-        values = np.asarray(list(per_subject_values[key]), dtype=np.float64)
-        if values.ndim == 1 and values.size == 0:
-            continue  # a subject without values adds nothing to any resample's pool
-        if values.ndim != 2:
-            raise ValueError(f"subject {key!r}: values must be a list of equal-length tuples")
-        widths.add(values.shape[1])
-        arrays.append(values)
-    if len(widths) != 1:
-        raise ValueError(f"every value must be a tuple of the same length; got lengths {sorted(widths)}")
-    return arrays
+def _subject_arrays(per_subject_values: dict[tuple, list[tuple]]) -> list[np.ndarray]:
+    """Each subject's (non-empty) list of k-tuples as a (n_i, k) float64 array, subjects in sorted-key order."""
+    # sorted: the seed alone fixes the result, whatever order the subjects came in
+    return [np.asarray(per_subject_values[key], dtype=np.float64) for key in sorted(per_subject_values, key=repr)]
 
 
 def _bootstrap_statistics(subject_arrays: list[np.ndarray], statistics: dict[str, Callable],
@@ -160,20 +147,6 @@ def _percentile_interval(replicates: np.ndarray, level: float) -> tuple[float, f
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(finite, [tail, 100.0 - tail])
     return float(low), float(high)
-
-
-def bootstrap_ci(per_subject_values: dict[Hashable, list[tuple]], statistic: Callable,
-                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval (Efron & Tibshirani 1993, ch. 13), resampling subjects.
-
-    per_subject_values: subject -> list of tuples, one per recording, usually (pred, true).
-    Each of `n_boot` replicates draws as many subjects as there are, with replacement, pools all
-    recordings of the drawn subjects and evaluates statistic(pred_array, true_array) (in general one
-    array per tuple position). Returns the (1-level)/2 and (1+level)/2 percentiles of the replicates;
-    replicates where the statistic is NaN or raises ValueError are left out. Same seed, same interval.
-    """
-    replicates = _bootstrap_statistics(_subject_arrays(per_subject_values), {"s": statistic}, n_boot, seed)
-    return _percentile_interval(replicates["s"], level)
 
 
 # --- the metrics table ----------------------------------------------------------------------------
@@ -297,10 +270,12 @@ def metrics_table(rows: Iterable[dict], group_keys: Sequence[str] = (), *, windo
       ba_bias = mean e_j, snr_db = mean SNR_j, and the subject's HR pair hr_pred = mean p_j,
       hr_true = mean t_j. No Pearson r or limits of agreement (a handful of recordings).
     - cohort (per model, dataset): MAE, RMSE, MAPE, Pearson r and mean SNR pooled over recordings,
-      each with a `level` bootstrap CI resampling subjects (`bootstrap_ci`; none below
-      MIN_CI_SUBJECTS subjects), and Bland-Altman bias and limits of agreement (recordings taken as
-      independent; with many recordings per subject the limits come out somewhat narrow, see Bland &
-      Altman 2007 on repeated measures).
+      each with a `level` percentile bootstrap CI (Efron & Tibshirani 1993, ch. 13) resampling subjects:
+      `n_boot` replicates, each drawing as many subjects as there are with replacement and pooling their
+      recordings, all statistics on the same draws, replicates where a statistic is undefined left out,
+      no CI below MIN_CI_SUBJECTS subjects; and Bland-Altman bias and limits of agreement (recordings
+      taken as independent; with many recordings per subject the limits come out somewhat narrow, see
+      Bland & Altman 2007 on repeated measures).
     - group (per model, key in group_keys, value of that key): the cohort metrics of the recordings
       with that value, pooled over datasets; dataset lists the datasets joined by "+", group_value
       is str(value). Recordings without the key (or with None) are in no group of that key.

@@ -18,6 +18,9 @@ import math
 
 import numpy as np
 
+FPS = 30.0  # the model frame rate: every recording is resampled onto this grid, every model reads it
+GAP_SPACINGS = 3.0  # a label interval over this many median sample spacings is a dropout, not bridged
+
 
 class Resampler:
     """Streaming resampler of (timestamps (n,), values (n, ...)) onto the grid t0 + k / fps.
@@ -31,7 +34,7 @@ class Resampler:
     "linear", float copies of the two neighbours of each output frame).
     """
 
-    def __init__(self, fps: float = 30.0, *, method: str = "linear", snap_s: float = 1e-3):
+    def __init__(self, fps: float = FPS, *, method: str = "linear", snap_s: float = 1e-3):
         if fps <= 0:
             raise ValueError(f"fps must be > 0, got {fps}")
         if method not in ("linear", "nearest"):
@@ -108,10 +111,21 @@ def _blend(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out.astype(a.dtype)
 
 
-def resample_signal(t_src: np.ndarray, y_src: np.ndarray, t_dst: np.ndarray) -> np.ndarray:
+def longest_bridged_s(t_src: np.ndarray) -> float:
+    """The longest interval between label samples that resample_signal bridges: GAP_SPACINGS median
+    spacings (inf for fewer than two samples). Computed once per label, it spares each block the median."""
+    spacing = np.diff(np.asarray(t_src, np.float64))
+    return float(GAP_SPACINGS * np.median(spacing)) if len(spacing) else math.inf
+
+
+def resample_signal(t_src: np.ndarray, y_src: np.ndarray, t_dst: np.ndarray, max_gap_s: float | None = None
+                    ) -> np.ndarray:
     """Linear interpolation of a label y_src (n,) sampled at t_src (n,) onto t_dst (m,) -> float64 (m,).
 
-    NaN outside [t_src[0], t_src[-1]] (no extrapolation) and next to NaN samples.
+    NaN outside [t_src[0], t_src[-1]] (no extrapolation) and across gaps, which are never bridged by a
+    straight line: between two samples further apart than max_gap_s (default `longest_bridged_s(t_src)`;
+    sensors log a dropout by leaving samples out) and next to NaN samples. At a finite sample's own time,
+    its value.
     """
     t_src = np.asarray(t_src, np.float64)
     y_src = np.asarray(y_src, np.float64)
@@ -121,4 +135,13 @@ def resample_signal(t_src: np.ndarray, y_src: np.ndarray, t_dst: np.ndarray) -> 
         raise ValueError("t_src must be strictly increasing")
     if len(t_src) == 0:
         return np.full(np.shape(t_dst), np.nan)
-    return np.interp(np.asarray(t_dst, np.float64), t_src, y_src, left=np.nan, right=np.nan)
+    t_dst = np.asarray(t_dst, np.float64)
+    out = np.interp(t_dst, t_src, y_src, left=np.nan, right=np.nan)
+    if len(t_src) < 2:
+        return out
+    limit = longest_bridged_s(t_src) if max_gap_s is None else max_gap_s
+    left = np.clip(np.searchsorted(t_src, t_dst, side="right") - 1, 0, len(t_src) - 2)  # interval of each t_dst
+    t0, t1 = t_src[left], t_src[left + 1]
+    gap = (t1 - t0 > limit) | np.isnan(y_src[left]) | np.isnan(y_src[left + 1])
+    out[gap & (t_dst > t0) & (t_dst < t1)] = np.nan  # strictly inside: a sample's own time keeps its value
+    return out

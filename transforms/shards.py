@@ -5,16 +5,16 @@ so a row stays a few MB (900 x 36 x 36 x 3 B = 3.5 MB) whatever the recording's 
 as plain binary columns with their shape in columns (`n_frames`, `height`, `width`), not as
 `fixed_shape_tensor` (about 25x slower to write), and are read back without copies by `np.frombuffer`.
 
-    rows = segment_rows(meta, blocks)                      # blocks: (timestamps, crops, found, boxes, bvp)
-    with ShardWriter("gs://b/out/shards/x.parquet", fs) as w:
-        w.write_rows(rows)                                 # temp name, then renamed on close
-    for seg in read_segments(uri, fs):                     # one row group in memory at a time
-        seg.frames                                          # (n, 36, 36, 3) uint8 view of Arrow memory
+    # blocks: (timestamps, crops, found, boxes, bvp); written under a temp name, renamed when complete
+    write_recording("gs://b/out/shards/x.parquet", fs, meta, blocks)
+    for seg in read_segments(uri, fs):     # one row group in memory at a time
+        seg.frames                          # (n, 36, 36, 3) uint8 view of Arrow memory
 
 Engine-free: pyarrow, numpy and fsspec only.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import posixpath
 import uuid
@@ -25,39 +25,51 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FPS = 30.0
+from transforms.resample import FPS
+
 SEGMENT_FRAMES = 900  # 30 s at 30 fps: about 3.5 MB of 36x36 crops per row
 ROW_GROUP_BYTES = 32 * 2**20  # Beam and Ray split work by row group: tens of MB each
 
 
-def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+def doc_field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    """A schema field with its meaning in the field's metadata (`doc`), read by whoever opens the file."""
     return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
 
 
+def shard_path(dataset: str, recording_id: str) -> str:
+    """Where a recording's shard lies, relative to a job's output root."""
+    return f"shards/{dataset}/{recording_id}.parquet"
+
+
+# The fields that name a recording: the first of every table the jobs write (shards, manifests).
+RECORDING_FIELDS = (
+    doc_field("recording_id", pa.string(), "recording id, unique within the dataset"),
+    doc_field("subject_id", pa.string(), "subject id"),
+    doc_field("dataset", pa.string(), "layout name of the source, e.g. ubfc-rppg"),
+)
+
 SCHEMA = pa.schema(
     [
-        _field("recording_id", pa.string(), "recording id, unique within the dataset"),
-        _field("subject_id", pa.string(), "subject id"),
-        _field("dataset", pa.string(), "layout name of the source, e.g. ubfc-rppg"),
-        _field("segment_index", pa.int32(), "0, 1, 2, ... in time order within the recording"),
-        _field("start_frame", pa.int64(), "index of the segment's first frame in the 30 fps recording"),
-        _field("n_frames", pa.int32(), "frames in this segment (T); the last segment may be short"),
-        _field("fps", pa.float32(), "frame rate after resampling: always 30"),
-        _field("height", pa.int16(), "crop height H in pixels"),
-        _field("width", pa.int16(), "crop width W in pixels"),
-        _field("timestamps", pa.binary(), "float64 little-endian (T,): seconds from the recording start, 30 fps grid"),
-        _field("frames", pa.binary(), "uint8 (T, H, W, 3) RGB face crops, C order"),
-        _field("face_found", pa.binary(), "uint8 (T,): 1 where a face was found, else 0 (crop is zeros)"),
-        _field("face_box", pa.binary(),
+        *RECORDING_FIELDS,
+        doc_field("segment_index", pa.int32(), "0, 1, 2, ... in time order within the recording"),
+        doc_field("start_frame", pa.int64(), "index of the segment's first frame in the 30 fps recording"),
+        doc_field("n_frames", pa.int32(), "frames in this segment (T); the last segment may be short"),
+        doc_field("fps", pa.float32(), "frame rate after resampling: always 30"),
+        doc_field("height", pa.int16(), "crop height H in pixels"),
+        doc_field("width", pa.int16(), "crop width W in pixels"),
+        doc_field("timestamps", pa.binary(), "float64 little-endian (T,): seconds from the recording start, 30 fps grid"),
+        doc_field("frames", pa.binary(), "uint8 (T, H, W, 3) RGB face crops, C order"),
+        doc_field("face_found", pa.binary(), "uint8 (T,): 1 where a face was found, else 0 (crop is zeros)"),
+        doc_field("face_box", pa.binary(),
                "float32 little-endian (T, 4): crop box (y0, y1, x0, x1) in source pixels, NaN without face"),
-        _field("bvp", pa.binary(),
+        doc_field("bvp", pa.binary(),
                "float32 little-endian (T,): ground-truth PPG on the frame times; null without truth", True),
-        _field("source_uri", pa.string(), "URI of the source video, frame folder or array file"),
-        _field("source_size", pa.int64(), "source size in bytes, as fsspec's info gives it"),
-        _field("source_mtime", pa.string(), "source mtime or etag, as fsspec's info gives it"),
-        _field("config_hash", pa.string(), "sha256 of the preprocessing config (transforms.manifest.config_hash)"),
-        _field("package_version", pa.string(), "pulsepipe version that wrote the row"),
-        _field("augment_scale", pa.float32(), "time-scale factor of an augmented recording; null for originals", True),
+        doc_field("source_uri", pa.string(), "URI of the source video, frame folder or array file"),
+        doc_field("source_size", pa.int64(), "source size in bytes, as fsspec's info gives it"),
+        doc_field("source_mtime", pa.string(), "source mtime or etag, as fsspec's info gives it"),
+        doc_field("config_hash", pa.string(), "sha256 of the preprocessing config (transforms.manifest.config_hash)"),
+        doc_field("package_version", pa.string(), "pulsepipe version that wrote the row"),
+        doc_field("augment_scale", pa.float32(), "time-scale factor of an augmented recording; null for originals", True),
     ],
     metadata={"pulsepipe.schema": "segments/1"},
 )
@@ -76,32 +88,16 @@ _ARRAYS = {
 _SHAPE_COLUMNS = ("n_frames", "height", "width")
 
 
-class Segment(NamedTuple):
-    """One row of a shard. Arrays are read-only views of the row's bytes (Arrow buffer or bytes): no copies.
+class Segment(collections.namedtuple("Segment", SCHEMA.names, defaults=(None,) * len(SCHEMA.names))):
+    """One row of a shard: a field per SCHEMA column, in its order. Arrays are read-only views of the row's
+    bytes (Arrow buffer or bytes): no copies. timestamps (T,) float64 seconds; frames (T, H, W, 3) uint8;
+    face_found (T,) bool (the stored 0/1 bytes viewed as bool); face_box (T, 4) float32 (y0, y1, x0, x1);
+    bvp (T,) float32.
 
     Fields not read (read_segments(columns=...)) are None; bvp is None for recordings without truth.
     """
 
-    recording_id: str | None = None
-    subject_id: str | None = None
-    dataset: str | None = None
-    segment_index: int | None = None
-    start_frame: int | None = None
-    n_frames: int | None = None
-    fps: float | None = None
-    height: int | None = None
-    width: int | None = None
-    timestamps: np.ndarray | None = None  # (T,) float64 seconds
-    frames: np.ndarray | None = None  # (T, H, W, 3) uint8
-    face_found: np.ndarray | None = None  # (T,) bool (the stored 0/1 bytes viewed as bool)
-    face_box: np.ndarray | None = None  # (T, 4) float32 (y0, y1, x0, x1)
-    bvp: np.ndarray | None = None  # (T,) float32
-    source_uri: str | None = None
-    source_size: int | None = None
-    source_mtime: str | None = None
-    config_hash: str | None = None
-    package_version: str | None = None
-    augment_scale: float | None = None
+    __slots__ = ()
 
     @classmethod
     def from_row(cls, row: dict) -> "Segment":
@@ -203,14 +199,6 @@ class SegmentBuilder:
         self._next_index += 1
         self._next_frame += n
         return {name: values[name] for name in SCHEMA.names}
-
-
-def segment_rows(meta: dict, blocks: Iterable[tuple], segment_frames: int = SEGMENT_FRAMES) -> Iterator[dict]:
-    """Rows of one recording from blocks of (timestamps, crops, face_found, boxes, bvp-or-None), streaming."""
-    builder = SegmentBuilder(meta, segment_frames)
-    for block in blocks:
-        yield from builder.push(*block)
-    yield from builder.finish()
 
 
 @contextlib.contextmanager
@@ -316,12 +304,37 @@ class ShardWriter:
         self._rows, self._bytes = [], 0
 
 
-def write_shard(uri: str, fs: fsspec.AbstractFileSystem, rows: Iterable[dict],
-                row_group_bytes: int = ROW_GROUP_BYTES) -> int:
-    """Writes all rows to one shard atomically; returns the number of rows."""
+class RecordingCounts(NamedTuple):
+    n_frames: int  # 30 fps frames written
+    n_face: int  # of those, frames with a face
+    n_segments: int  # rows written
+
+
+def write_recording(uri: str, fs: fsspec.AbstractFileSystem, meta: dict, blocks: Iterable[tuple],
+                    segment_frames: int = SEGMENT_FRAMES, check=None,
+                    row_group_bytes: int = ROW_GROUP_BYTES) -> RecordingCounts:
+    """One recording's shard, streamed: blocks into segment rows (SegmentBuilder) into a ShardWriter.
+
+    blocks: (timestamps (n,), crops (n, H, W, 3) uint8, face_found (n,), boxes (n, 4), bvp (n,) or None).
+    Memory holds one segment plus one block whatever the recording's length. check(counts) runs once
+    every block is written, before the shard appears: what it raises (or what the blocks raise) leaves
+    nothing at `uri`, and a previous shard there stays as it was.
+    """
+    builder = SegmentBuilder(meta, segment_frames)
+    n_frames = n_face = n_segments = 0
     with ShardWriter(uri, fs, row_group_bytes) as writer:
+        for block in blocks:
+            rows = builder.push(*block)
+            writer.write_rows(rows)
+            n_frames += len(block[0])
+            n_face += int(np.count_nonzero(block[2]))
+            n_segments += len(rows)
+        rows = builder.finish()
         writer.write_rows(rows)
-    return writer.n_rows
+        counts = RecordingCounts(n_frames, n_face, n_segments + len(rows))
+        if check is not None:
+            check(counts)
+    return counts
 
 
 def segments_of_table(table: pa.Table) -> Iterator[Segment]:
@@ -361,24 +374,3 @@ def read_segments(uri: str, fs: fsspec.AbstractFileSystem, columns: list[str] | 
         parquet = pq.ParquetFile(f)
         for i in range(parquet.num_row_groups):
             yield from segments_of_table(parquet.read_row_group(i, columns=columns))
-
-
-def read_recording(uri: str, fs: fsspec.AbstractFileSystem, recording_id: str | None = None) -> Segment:
-    """One recording's segments joined into one Segment (copies: the whole recording is in memory).
-
-    recording_id: which recording, when the shard holds more than one. The result carries the first
-    segment's index (0) and start_frame; raises ValueError if segments are missing or out of order.
-    """
-    segments = [s for s in read_segments(uri, fs) if recording_id is None or s.recording_id == recording_id]
-    if not segments:
-        raise ValueError(f"{uri}: no segments" + (f" of {recording_id}" if recording_id else ""))
-    if len({s.recording_id for s in segments}) > 1:
-        raise ValueError(f"{uri} holds several recordings: pass recording_id")
-    if segments[0].segment_index != 0:
-        raise ValueError(f"{uri}: the recording's first segment is missing")
-    for prev, seg in zip(segments, segments[1:]):
-        if seg.segment_index != prev.segment_index + 1 or seg.start_frame != prev.start_frame + prev.n_frames:
-            raise ValueError(f"{uri}: segment {seg.segment_index} does not follow segment {prev.segment_index}")
-    joined = {name: None if getattr(segments[0], name) is None else np.concatenate([getattr(s, name) for s in segments])
-              for name in _ARRAYS}
-    return segments[0]._replace(n_frames=sum(s.n_frames for s in segments), **joined)

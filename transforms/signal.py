@@ -11,6 +11,8 @@ import numpy as np
 import scipy.linalg
 import scipy.signal
 
+from transforms.resample import FPS
+
 PULSE_BAND_HZ = (0.5, 3.0)  # 30-180 BPM, the heart-rate range the project covers
 BPM_RANGE = (30.0, 180.0)
 
@@ -47,7 +49,7 @@ def _min_hr_len(fs: float, bpm_range) -> int:
     return max(3, int(np.ceil(fs * 60.0 / bpm_range[0])))
 
 
-def detrend(x, fs: float = 30, min_freq: float = 0.5) -> np.ndarray:
+def detrend(x, fs: float = FPS, min_freq: float = 0.5) -> np.ndarray:
     """Smoothness-priors detrend (Tarvainen et al. 2002): `x - (I + lam^2 D^T D)^-1 x`.
 
     x: (N,), N >= 3. D is the (N-2, N) second-difference matrix and
@@ -59,7 +61,7 @@ def detrend(x, fs: float = 30, min_freq: float = 0.5) -> np.ndarray:
     x = _check_signal(x, 3, "the second-difference penalty needs 3")
     if min_freq <= 0:
         raise ValueError(f"min_freq must be positive, got {min_freq}")
-    lam = 50.0 * (fs / 30.0) ** 2 * (0.5 / min_freq) ** 2
+    lam = 50.0 * (fs / FPS) ** 2 * (0.5 / min_freq) ** 2
     n = x.size
     # Bands of D^T D, summed row by row of D = [1, -2, 1] shifted: exact at both ends for any N >= 3.
     second_diff = np.array([1.0, -2.0, 1.0])
@@ -145,7 +147,7 @@ def hr_welch(x, fs: float, bpm_range=BPM_RANGE) -> float:
     fs = _check_fs(fs)
     bpm_range = _check_bpm_range(bpm_range)
     x = _check_signal(x, _min_hr_len(fs, bpm_range), f"one period at {bpm_range[0]} BPM")
-    nperseg = int(min(x.size - 1, 256 / 30 * fs))
+    nperseg = int(min(x.size - 1, 256 / FPS * fs))
     freqs_hz, power = scipy.signal.welch(x, fs, nperseg=nperseg, nfft=max(20000, nperseg))
     return _peak_bpm(freqs_hz, power, bpm_range)
 
@@ -163,59 +165,18 @@ def heart_rate(bvp, fs: float, bpm_range=BPM_RANGE, usable=None) -> tuple[float,
     return hr_welch(x, fs, bpm_range), sqi(raw if usable is None else raw[np.asarray(usable, bool)], fs)
 
 
-def hr_fft(x, fs: float, bpm_range=BPM_RANGE) -> float:
-    """Heart rate (BPM) at the peak of the Hann-windowed periodogram, zero-padded to 0.1 BPM bins.
-
-    x: (N,). One spectrum over the whole signal: finer than Welch on long, steady recordings.
-    """
-    fs = _check_fs(fs)
-    bpm_range = _check_bpm_range(bpm_range)
-    x = _check_signal(x, _min_hr_len(fs, bpm_range), f"one period at {bpm_range[0]} BPM")
-    nfft = max(x.size, int(np.ceil(fs * 60.0 / 0.1)))  # bin width fs/nfft <= 0.1 BPM
-    freqs_hz, power = scipy.signal.periodogram(x, fs, window="hann", nfft=nfft)
-    return _peak_bpm(freqs_hz, power, bpm_range)
-
-
-def hr_peaks(x, fs: float, bpm_range=BPM_RANGE) -> float:
-    """Heart rate (BPM) from the median interval between systolic peaks.
-
-    x: (N,), band-passed (see `postprocess_bvp`). Peaks closer than one beat at the top of
-    `bpm_range` are merged by `find_peaks`; each peak is refined to sub-sample position by a
-    parabola through it and its neighbours, so the rate is not quantised to whole frames.
-    Returns NaN when fewer than two peaks are found.
-    """
-    fs = _check_fs(fs)
-    bpm_range = _check_bpm_range(bpm_range)
-    x = _check_signal(x, _min_hr_len(fs, bpm_range), f"one period at {bpm_range[0]} BPM")
-    min_distance = max(1.0, fs * 60.0 / bpm_range[1])
-    peaks, _ = scipy.signal.find_peaks(x, distance=min_distance)
-    peaks = peaks[(peaks > 0) & (peaks < x.size - 1)]
-    if peaks.size < 2:
-        return float("nan")
-    left, centre, right = x[peaks - 1], x[peaks], x[peaks + 1]
-    curvature = left - 2 * centre + right
-    offset = np.divide(0.5 * (left - right), curvature, out=np.zeros_like(curvature), where=curvature < 0)
-    beat_interval_s = np.median(np.diff(peaks + offset)) / fs
-    return float(60.0 / beat_interval_s)
-
-
-HR_METHODS = {"welch": hr_welch, "fft": hr_fft, "peaks": hr_peaks}
-
-
-def hr_windows(x, fs: float, window_s: float, step_s: float, method: str = "welch",
-               bpm_range=BPM_RANGE, usable=None, min_usable: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+def hr_windows(x, fs: float, window_s: float, step_s: float, bpm_range=BPM_RANGE, usable=None,
+               min_usable: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     """Heart rate on sliding windows of `window_s` seconds every `step_s` seconds.
 
     x: (N,), zero-mean (band-passed). Windows start at 0, step_s, 2 step_s, ... and end inside the
     signal; the tail shorter than a window is not used. usable: (N,) bool, the samples to score
     (default: all); a window is scored when they are at least `min_usable` of it, with the others
     silenced (0, as `postprocess_bvp` leaves them), else its rate is NaN. Returns
-    (centres_s, bpm), each (n_windows,): window centres in seconds from the first sample, and the rate
-    by `method` ("welch", "fft" or "peaks").
+    (centres_s, bpm), each (n_windows,): window centres in seconds from the first sample, and each
+    window's `hr_welch` rate.
     """
     fs = _check_fs(fs)
-    if method not in HR_METHODS:
-        raise ValueError(f"method must be one of {sorted(HR_METHODS)}, got {method!r}")
     window_len = int(round(window_s * fs))
     step_len = int(round(step_s * fs))
     if window_len < 1 or step_len < 1:
@@ -226,8 +187,7 @@ def hr_windows(x, fs: float, window_s: float, step_s: float, method: str = "welc
         raise ValueError(f"usable has shape {usable.shape}; expected {x.shape}, one flag per sample")
     windows = np.lib.stride_tricks.sliding_window_view(x, window_len)[::step_len]  # (n_windows, window_len)
     masks = np.lib.stride_tricks.sliding_window_view(usable, window_len)[::step_len]
-    hr_of = HR_METHODS[method]
-    bpm = np.array([hr_of(np.where(m, w, 0.0), fs, bpm_range) if m.mean() >= min_usable else np.nan
+    bpm = np.array([hr_welch(np.where(m, w, 0.0), fs, bpm_range) if m.mean() >= min_usable else np.nan
                     for w, m in zip(windows, masks)])
     centres_s = (np.arange(len(windows)) * step_len + window_len / 2) / fs
     return centres_s, bpm

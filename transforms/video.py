@@ -29,6 +29,8 @@ import av
 import cv2
 import numpy as np
 
+from transforms.errors import ItemFailed
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TRUNCATION_TOLERANCE_S = 0.5  # decoded video may fall this far short of the header's duration (or 3 frames)
 
@@ -53,7 +55,7 @@ def decode_threads(n: int):
         _DECODE_THREADS.reset(token)
 
 
-class VideoError(Exception):
+class VideoError(ItemFailed):
     """A source that cannot be read; str() is one line, "PATH: reason"."""
 
     def __init__(self, path: str | os.PathLike, reason: str):

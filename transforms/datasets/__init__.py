@@ -30,12 +30,13 @@ from typing import Iterator
 
 import numpy as np
 
+from transforms.errors import ItemFailed
 from transforms.video import iter_blocks
 
 LAYOUTS = ("ubfc-rppg", "pure", "mmpd", "vitalvideo", "rlap", "folder", "synthetic")
 
 
-class TruthError(Exception):
+class TruthError(ItemFailed):
     """Ground truth that is missing, unreadable or too short; str is 'PATH: reason'."""
 
     def __init__(self, path: str, reason: str):

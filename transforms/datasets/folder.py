@@ -16,13 +16,14 @@ from typing import Iterator
 import numpy as np
 
 from transforms.datasets import Recording, root_path, uri_under, video_frame_blocks
+from transforms.resample import FPS
 from transforms.video import IMAGE_SUFFIXES, iter_blocks
 
 DATASET = "folder"
 # what --input must hold, said when it holds none
 LAYOUT = "ROOT/**/<name>.mp4 (or .avi, .mov, .mkv, .webm), or folders of image frames"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
-FOLDER_FPS = 30.0  # assumed rate of image-frame folders
+FOLDER_FPS = FPS  # assumed rate of image-frame folders: the model rate
 
 
 def list_recordings(root: str, fs) -> list[Recording]:

@@ -26,12 +26,12 @@ import numpy as np
 import scipy.io
 
 from transforms.datasets import Recording, Truth, TruthError, checked_truth, root_path, uri_under
+from transforms.resample import FPS  # MMPD's camera and PPG run at the model rate
 from transforms.video import VideoError
 
 DATASET = "mmpd"
 # what --input must hold, said when it holds none
 LAYOUT = "ROOT/subject<N>/p<N>_<k>.mat"
-FPS = 30.0
 LABELS = ("light", "motion", "exercise", "skin_color", "gender", "glasser", "glasses", "hair_cover", "makeup")
 HEADER_BLOCK = 1 << 16  # small reads: listing skips over the video variable instead of fetching it
 
