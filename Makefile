@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REF_VENV := .venv-ref
 REF_STAMP := $(REF_VENV)/.installed
 
-.PHONY: demo test test-all bench bench-model ref-venv fixtures gpu-kit clean
+.PHONY: demo test test-all bench bench-train bench-model ref-venv fixtures gpu-kit clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ fixtures: $(STAMP) $(REF_STAMP)
 bench: $(STAMP) $(REF_STAMP)
 	$(PY) bench/bench_model.py --ref-python $(REF_VENV)/bin/python
 	$(PY) bench/bench_video.py --ref-python $(REF_VENV)/bin/python
+
+# Training: our train_step against Keras's train_on_batch on the same architecture, T = 160, 640, 1600 frames.
+bench-train: $(STAMP) $(REF_STAMP)
+	$(PY) bench/bench_train.py --ref-python $(REF_VENV)/bin/python
 
 # What bench/gpu_check.sh needs on a lent GPU machine that has no network: the published weights.
 gpu-kit: $(STAMP)

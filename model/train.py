@@ -62,6 +62,9 @@ class TrainHParams:
     compute_dtype: str = "float32"  # products of the convolutions and dense1 -> MEConfig.compute_dtype
     batch_size: int = 32  # the published recipe's; the data side batches by it
     method: str = "chunked"  # how gradients go through the chunks (see the module docstring)
+    # sequences per forward/backward pass, gradients summed over the passes (the batch's own gradient when
+    # dropout is off); memory holds micro_batch sequences' activations, not the batch's. 0: the whole batch
+    micro_batch: int = 0
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
@@ -72,6 +75,8 @@ class TrainHParams:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.micro_batch < 0 or (self.micro_batch and self.batch_size % self.micro_batch):
+            raise ValueError(f"micro_batch must divide batch_size {self.batch_size}, got {self.micro_batch}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not jnp.issubdtype(jnp.dtype(self.compute_dtype), jnp.floating):
@@ -200,29 +205,38 @@ def train_forward(params, frames, key, hp: TrainHParams, cfg: MEConfig = ME):
 # ---------------------------------------------------------------- loss
 
 
-def sequence_loss(y, bvp, mask, kind: str = "mse"):
+def loss_denominator(mask, kind: str):
+    """What sequence_loss divides by: the batch's masked-in frames (mse) or its sequences with at least two
+    (neg_pearson); given to each micro-batch, the micro-batches' losses add up to the batch's."""
+    if kind == "mse":
+        return jnp.maximum(jnp.sum(mask), 1)
+    return jnp.maximum(jnp.sum(jnp.sum(mask, axis=1) >= 2), 1)
+
+
+def sequence_loss(y, bvp, mask, kind: str = "mse", denominator=None):
     """Loss over masked-in frames. y, bvp: (B, T); mask: bool (B, T).
 
     mse: mean squared error over all masked-in frames of the batch.
     neg_pearson: 1 - Pearson r of each sequence over its masked-in frames, averaged over sequences with at
     least two. Masked-out frames never count, whatever their labels (even NaN) or outputs.
+    denominator: loss_denominator of the whole batch when this is one micro-batch of it (default: its own).
     """
+    denominator = loss_denominator(mask, kind) if denominator is None else denominator
     err = jnp.where(mask, y - bvp, 0.0)  # where first: a masked label never reaches the gradient
     if kind == "mse":
-        return jnp.sum(err * err) / jnp.maximum(jnp.sum(mask), 1)
+        return jnp.sum(err * err) / denominator
     n = jnp.sum(mask, axis=1)  # (B,)
     yv, bv = jnp.where(mask, y, 0.0), jnp.where(mask, bvp, 0.0)
     yc = jnp.where(mask, yv - (jnp.sum(yv, 1) / jnp.maximum(n, 1))[:, None], 0.0)  # centred on masked-in frames
     bc = jnp.where(mask, bv - (jnp.sum(bv, 1) / jnp.maximum(n, 1))[:, None], 0.0)
     r = jnp.sum(yc * bc, 1) / jnp.sqrt(jnp.sum(yc * yc, 1) * jnp.sum(bc * bc, 1) + 1e-12)  # (B,)
-    valid = n >= 2
-    return jnp.sum(jnp.where(valid, 1.0 - r, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    return jnp.sum(jnp.where(n >= 2, 1.0 - r, 0.0)) / denominator
 
 
 @partial(_jit, static_argnames="kind")
-def _loss_and_dy(ys: list, bvp, mask, kind: str):
+def _loss_and_dy(ys: list, bvp, mask, kind: str, denominator):
     """The loss of the whole outputs and its gradient, split back into chunks: [(B, L)] -> loss, [(B, L)]."""
-    loss, dy = jax.value_and_grad(lambda y: sequence_loss(y, bvp, mask, kind))(jnp.concatenate(ys, axis=1))
+    loss, dy = jax.value_and_grad(lambda y: sequence_loss(y, bvp, mask, kind, denominator))(jnp.concatenate(ys, axis=1))
     return loss, jnp.split(dy, len(ys), axis=1)  # dy (B, T) -> T / L of (B, L)
 
 
@@ -243,10 +257,10 @@ def _chunk_backward(params, frames, state, key, c, dy, dstate, grads, rate: floa
     return jax.tree.map(jnp.add, grads, dparams), dstate
 
 
-def _grads_chunked(params, batch, key, rate, kind, cfg, by_batch):
+def _grads_chunked(params, batch, key, rate, kind, cfg, by_batch, denominator):
     """The chunk-by-chunk backward of the module docstring; inputs from _placed."""
     chunks, ys, states = _forward_chunks(params, batch["frames"], key, rate, cfg, by_batch)
-    loss, dys = _loss_and_dy(ys, batch["bvp"], batch["mask"], kind)
+    loss, dys = _loss_and_dy(ys, batch["bvp"], batch["mask"], kind, denominator)
     grads = jax.device_put(jax.tree.map(jnp.zeros_like, params), jax.tree.leaves(params)[0].sharding)
     dstate = jax.device_put(jax.tree.map(jnp.zeros_like, states[0]), by_batch)  # nothing reads the last state
     for c in reversed(range(len(chunks))):  # last to first, the state's cotangent carried back
@@ -307,10 +321,24 @@ def loss_and_grads(params, batch: dict, key, hp: TrainHParams, cfg: MEConfig = M
     method = method or hp.method
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    params, batch, key, by_batch = _placed(params, batch, key)
-    if method == "chunked":
-        return _grads_chunked(params, batch, key, hp.dropout, hp.loss, cfg, by_batch)
-    return _grads_traced(params, batch, key, hp.dropout, hp.loss, cfg, method == "remat")
+    if method != "chunked":
+        params, batch, key, _ = _placed(params, batch, key)
+        return _grads_traced(params, batch, key, hp.dropout, hp.loss, cfg, method == "remat")
+    b = batch["frames"].shape[0]
+    m = hp.micro_batch or b
+    if b % m:
+        raise ValueError(f"micro_batch {m} does not divide the batch of {b}")
+    denominator = float(loss_denominator(np.asarray(batch["mask"]), hp.loss))  # a host number: no device of its own
+    loss = grads = None
+    for g in range(0, b, m):  # one micro-batch's activations in memory at a time
+        part = {k: v[g:g + m] for k, v in batch.items()}
+        part_key = key if m == b else jax.random.fold_in(key, g // m)  # its own dropout draw
+        placed_params, part, part_key, by_batch = _placed(params, part, part_key)
+        part_loss, part_grads = _grads_chunked(placed_params, part, part_key, hp.dropout, hp.loss, cfg, by_batch,
+                                               denominator)
+        loss = part_loss if loss is None else loss + part_loss
+        grads = part_grads if grads is None else jax.tree.map(jnp.add, grads, part_grads)
+    return loss, grads
 
 
 # ---------------------------------------------------------------- step

@@ -32,7 +32,7 @@ from transforms.errors import ItemFailed
 from transforms.manifest import config_hash, package_version
 from transforms.resample import FPS
 from transforms.shards import SEGMENT_FRAMES, read_segments, shard_path, write_recording
-from transforms.signal import heart_rate
+from transforms.signal import BPM_RANGE, heart_rate
 
 PASSES_PIPELINE_ARGS = True  # unknown --options go to Beam (e.g. --runner=DataflowRunner --project=...)
 METHOD = "time_scale/1"  # enters every fingerprint: bump it when the scaling itself changes
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="output root of `pulsepipe preprocess` (manifest.parquet, shards/)")
     p.add_argument("--output", required=True,
                    help="output root for the augmented recordings only: shards/ and manifest.parquet go here")
-    p.add_argument("--hr-range", type=positive_number("a heart rate in BPM"), nargs=2, default=(30.0, 180.0), metavar=("LOW", "HIGH"),
+    p.add_argument("--hr-range", type=positive_number("a heart rate in BPM"), nargs=2, default=BPM_RANGE, metavar=("LOW", "HIGH"),
                    help="heart rates (BPM) the augmented set should cover evenly (default: 30 180)")
     p.add_argument("--extra", type=number_at_least(0, "a fraction"), default=0.3,
                    help="augmented recordings as a fraction of the ok source recordings (default: 0.3, as the paper)")
@@ -180,7 +180,7 @@ def measured_sources(input_uri: str) -> tuple[list[dict], dict[str, dict], dict[
     return rows, sources, hrs, no_truth
 
 
-def run_augment(input_uri: str, output_uri: str, opts, hr_range=(30.0, 180.0), extra: float = 0.3, seed: int = 0,
+def run_augment(input_uri: str, output_uri: str, opts, hr_range=BPM_RANGE, extra: float = 0.3, seed: int = 0,
                 factor_range=FACTOR_RANGE, segment_frames: int = SEGMENT_FRAMES, log=print,
                 wait_for_lock: bool = False) -> list[dict]:
     """The whole job; returns the manifest rows it wrote (augmented recordings only). Everything a run can

@@ -38,7 +38,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train.yam
 INITS = ("published:rlap", "published:pure", "scratch")
 RULES = {
     "seed": whole(0), "val_fraction": number(minimum=0, below=1), "seq_len": whole(160, multiple_of=160),
-    "batch_size": whole(1), "epochs": whole(1), "min_valid_fraction": number(above=0, maximum=1),
+    "batch_size": whole(1), "micro_batch": whole(0), "epochs": whole(1), "min_valid_fraction": number(above=0, maximum=1),
     "loss": choice("mse", "neg_pearson"), "lr": number(minimum=0), "b1": number(minimum=0, below=1),
     "b2": number(minimum=0, below=1), "eps": number(above=0), "schedule": choice("constant", "cosine"),
     "warmup_steps": whole(0), "clip_norm": optional(number(above=0)), "dropout": number(minimum=0, below=1),
@@ -86,6 +86,11 @@ def check_init(init: str) -> None:
     if not (Path(init) / "best.weights.h5").is_file():
         raise JobError(f"--init {init}: expected {', '.join(INITS)} or a training run folder holding "
                        "best.weights.h5")
+
+
+def check_batching(cfg: dict, where: str) -> None:
+    if cfg["micro_batch"] and cfg["batch_size"] % cfg["micro_batch"]:
+        raise JobError(f"{where}: micro_batch {cfg['micro_batch']} does not divide batch_size {cfg['batch_size']}")
 
 
 def check_run_folder(request: TrainRequest) -> Path:
@@ -176,7 +181,7 @@ def hyper_parameters(cfg: dict, total_steps: int):
     return TrainHParams(lr=cfg["lr"], b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], schedule=cfg["schedule"],
                         warmup_steps=cfg["warmup_steps"], total_steps=total_steps, clip_norm=cfg["clip_norm"],
                         loss=cfg["loss"], dropout=cfg["dropout"], compute_dtype=cfg["precision"],
-                        batch_size=cfg["batch_size"])
+                        batch_size=cfg["batch_size"], micro_batch=cfg["micro_batch"])
 
 
 # ---- validation: whole recordings in chunk mode, HR by evaluate's recipe ------------------------------
@@ -230,21 +235,22 @@ class _Log:
 
 def run_train(request: TrainRequest, log=print) -> dict:
     """The whole job; returns {"steps", "best": {"mae", "step"}, "run": RUN_DIR}."""
+    from model.train import data_mesh
+    from pipelines.predictors import use_compile_cache
+
     check_init(request.init)
+    cfg = request.config
+    mesh = data_mesh()
+    check_batching(cfg, "the settings")
+    if (cfg["micro_batch"] or cfg["batch_size"]) % mesh.devices.size:
+        raise JobError(f"micro_batch {cfg['micro_batch']} (0: batch_size {cfg['batch_size']}) does not split over "
+                       f"this machine's {mesh.devices.size} devices; use a multiple of {mesh.devices.size}")
     run = check_run_folder(request)
     data = training_data(request)
     config = run_config(request, data)
     if request.resume:
         check_resume(run, config)
-    cfg = request.config
-    from model.train import data_mesh
-    from pipelines.predictors import use_compile_cache
-
     use_compile_cache()  # the training step's compiles take seconds each: a resumed run reuses them
-    mesh = data_mesh()
-    if cfg["batch_size"] % mesh.devices.size:
-        raise JobError(f"batch_size {cfg['batch_size']} does not split over this machine's {mesh.devices.size} "
-                       "devices; use a multiple of it")
     per_epoch = sequences.batches_per_epoch(len(data.index), cfg["batch_size"])
     total = request.steps or cfg["epochs"] * per_epoch
     log(f"{len(data.index)} training sequences of {cfg['seq_len']} frames ({data.counts.n_train_recordings} "
@@ -416,6 +422,7 @@ def write_curves(log_path: Path, png_path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = load_settings(DEFAULT_CONFIG, args.config, RULES)
+    check_batching(config, args.config or str(DEFAULT_CONFIG))
     request = TrainRequest(tuple(args.inputs), args.output, config, args.init, args.steps, args.resume,
                            not args.no_progress)
     run_train(request)

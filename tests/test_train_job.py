@@ -18,7 +18,8 @@ from transforms.resample import FPS
 from transforms.shards import shard_path, write_recording
 
 N_FRAMES = 480  # 16 s: three 160-frame sequences per recording
-QUICK = {"seq_len": 160, "batch_size": 2, "val_fraction": 0.25, "validate_every": 1000, "checkpoint_every": 1000}
+QUICK = {"seq_len": 160, "batch_size": 2, "micro_batch": 1, "val_fraction": 0.25, "validate_every": 1000,
+         "checkpoint_every": 1000}
 
 
 def write_pulse_root(root, subjects: int = 4, seed: int = 0) -> None:
@@ -111,7 +112,8 @@ def test_resume_refuses_changed_settings_or_data_and_a_used_folder_needs_resume(
 
 
 @pytest.mark.parametrize("line, key", [("seq_len: 100", "seq_len"), ("lr: -1", "lr"), ("loss: l1", "loss"),
-                                       ("batch_size: two", "batch_size"), ("epoch: 3", "unknown settings epoch")])
+                                       ("batch_size: two", "batch_size"), ("epoch: 3", "unknown settings epoch"),
+                                       ("micro_batch: 5", "micro_batch 5 does not divide batch_size 32")])
 def test_a_bad_setting_is_one_line_naming_the_key_and_exit_2(data_root, tmp_path, capsys, line, key):
     config = tmp_path / "bad.yaml"
     config.write_text(line + "\n")

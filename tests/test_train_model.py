@@ -5,6 +5,7 @@ chunks, one block of one SSConv layer, one head Mamba-2 layer) over two chunks, 
 first chunk to the second is in every gradient. Most of their time is XLA compiling the chunk's forward and
 backward; tests that share a (dtype, dropout) share those compiles.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -282,6 +283,22 @@ def test_masked_out_labels_change_neither_loss_nor_gradients(params):
     loss_b, grads_b = train.loss_and_grads(params, relabelled, key, NO_DROPOUT, SMALL)
     assert float(loss_a) == float(loss_b)
     assert _max_rel_diff(grads_b, grads_a) == 0.0
+
+
+@pytest.mark.parametrize("kind", train.LOSSES)
+def test_micro_batches_sum_to_the_batch_gradient(params, kind):
+    batch, key = _batch(batch=4, seed=7), jax.random.key(0)
+    whole = dataclasses.replace(NO_DROPOUT, loss=kind, batch_size=4)
+    loss_a, grads_a = train.loss_and_grads(params, batch, key, whole, SMALL)
+    loss_b, grads_b = train.loss_and_grads(params, batch, key, dataclasses.replace(whole, micro_batch=2), SMALL)
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-6)
+    # leaves the loss cannot move (the output bias under Pearson) are rounding-level in both: compare those
+    # against the largest gradient anywhere
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_a))
+    for got, want in zip(jax.tree.leaves(grads_b), jax.tree.leaves(grads_a)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
+    with pytest.raises(ValueError, match="micro_batch must divide"):
+        dataclasses.replace(whole, micro_batch=3)
 
 
 def test_steps_on_one_batch_reduce_its_loss(params):

@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from transforms.resample import FPS, Resampler
+from transforms.signal import BPM_RANGE
 
 # Snap only float rounding of t / factor onto a source frame: a real blend weight is never this small.
 SNAP_S = 1e-6
@@ -92,7 +93,7 @@ def hr_histogram(hrs, hr_range, bin_bpm: float = BIN_BPM) -> np.ndarray:
     return np.histogram(np.asarray(list(hrs), np.float64), bins=edges)[0]  # numpy's last bin is closed
 
 
-def choose_factors(hrs: dict[str, float], n_extra: int, hr_range=(30.0, 180.0), seed: int = 0,
+def choose_factors(hrs: dict[str, float], n_extra: int, hr_range=BPM_RANGE, seed: int = 0,
                    factor_range=FACTOR_RANGE, bin_bpm: float = BIN_BPM) -> list[tuple[str, float]]:
     """Pick n_extra (recording_id, factor) pairs whose target rates hr * factor even out the HR histogram.
 
