@@ -39,6 +39,7 @@ ref-venv: $(REF_STAMP)
 fixtures: $(STAMP) $(REF_STAMP)
 	$(REF_VENV)/bin/python tests/fixtures/make_me_parity.py tests/fixtures/me_parity.npz
 	$(REF_VENV)/bin/python tests/fixtures/make_crop_parity.py tests/fixtures/crop_parity.npz
+	$(REF_VENV)/bin/python tests/fixtures/make_physmamba_parity.py tests/fixtures/physmamba_parity.npz
 
 bench: $(STAMP) $(REF_STAMP)
 	$(PY) bench/bench_model.py --ref-python $(REF_VENV)/bin/python

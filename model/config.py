@@ -61,3 +61,34 @@ class MEConfig:
 
 
 ME = MEConfig()
+
+
+@dataclass(frozen=True)
+class PhysMambaConfig:
+    """PhysMamba hyper-parameters: the published network (`PhysMamba()` of open-rppg 0.1.1), as it runs."""
+
+    frames: int = 128  # T, frames per chunk; the head's reshape uses H for T, so T == H
+    image: int = 128  # H = W, face crop size
+    channels: int = 3  # RGB
+    fps: float = FPS  # frame rate the weights were trained at
+    theta: float = 0.5  # CDC temporal-difference weight (PhysMamba passes 0.5 to every CDC)
+    d_state: int = 16  # N, Mamba state size per direction
+    d_conv: int = 4  # depthwise conv width of the Mamba (non-causal, 'same')
+    expand: int = 2  # E, Mamba inner width = E * channels
+    bn_eps: float = 1e-3  # Keras BatchNormalization default
+    ln_eps: float = 1e-5  # the MambaLayer's LayerNormalization(epsilon=1e-5)
+    output_eps: float = 1e-5  # the head's standardisation over time
+    scan_eps: float = 1e-12  # the selective scan's divisor floor, as written
+    scan_chunk: int = 256  # positions per step of our chunked selective scan (speed only, not the model's)
+
+    def __post_init__(self):
+        if self.frames != self.image or self.frames % 16:
+            raise ValueError(f"PhysMamba needs frames == image (the head reshapes by H) and a multiple of 16, "
+                             f"got frames={self.frames}, image={self.image}")
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return (self.image, self.image, self.channels)
+
+
+PHYSMAMBA = PhysMambaConfig()

@@ -1,4 +1,4 @@
-"""Import the published ME-rPPG weights (Keras 3 `.h5`) and initial state (`state.pkl`) as pytrees.
+"""Import the published ME-rPPG weights (Keras 3 `.h5`) and initial state (`state.pkl`), and PhysMamba's, as pytrees.
 
 Parameter pytree (K = 32 filters, float32):
   blocks[i]: in_proj (3 or K, K); ds {w (2, 2, K, K), b (K,)};
@@ -6,6 +6,15 @@ Parameter pytree (K = 32 filters, float32):
       mamba: in_proj (2K, 516), conv_w (12, 384), conv_b (384,), dt_bias (4,), A_log (4,), D (4,),
              norm (128,), out_proj (128, 2K)
   out_proj (K, 32); head: mamba[2] (as above with d 32, 2 heads, k_conv 4), dense {w (32, 1), b (1,)}
+
+PhysMamba (`load_physmamba_params`; C = 64 on the slow stream, 32 on the fast one, d = 2C, R = C / 16):
+  conv_bn = {conv: {w (kt, kh, kw, in, out), b (out,)}, bn: {gamma, beta, mean, var (out,)}}
+  stem[3]: conv_bn 3->16 (1x5x5), 16->32, 32->64 (3x3x3); slow_in: conv_bn 64->64 (4x1x1); fast_in: 64->32 (2x1x1)
+  slow[3], fast[3]: cdc (3, 3, 3, C, C), bn, channel_att {fc1 (C, C/2), fc2 (C/2, C)},
+    mamba_layer: norm1, norm2 {gamma, beta (C,)}, channel_att, mamba: in_proj (C, 2d), conv_w (4, d),
+      conv_b (d,), x_proj (d, R + 64), dt_proj {w (R, d), b (d,)}, A_log (d, 16), D (d,), out_proj (2d, C)
+  fuse[2]: conv_bn 32->64 (3x1x1); slow_up: 64->64, fast_out: 32->32, head_up: 96->48 (3x1x1);
+  head {w (48, 1), b (1,)}
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ from model.state import MambaState, MEState, SSConvState, TNState
 from transforms.published_files import SHA256, PublishedFileError, published_path
 
 WEIGHT_FILES = {"rlap": "ME.rlap.weights.h5", "pure": "ME.pure.weights.h5"}
+PHYSMAMBA_WEIGHT_FILES = {"rlap": "PhysMamba.rlap.weights.h5", "pure": "PhysMamba.pure.weights.h5"}
 RUN_WEIGHTS, RUN_STATE = "best.weights.h5", "best.state.npz"  # in a `pulsepipe train` run folder
 
 
@@ -213,6 +223,87 @@ def load_initial_state(cfg: MEConfig = ME, weights: str | Path = "rlap") -> MESt
     return MEState(blocks, head)
 
 
+# ---------------------------------------------------------------- PhysMamba
+
+
+def physmamba_weights_path(weights: str | Path) -> Path:
+    """The PhysMamba .h5 file of 'rlap', 'pure' (sha256-checked) or a path to one."""
+    if str(weights) in PHYSMAMBA_WEIGHT_FILES:
+        return published_path(PHYSMAMBA_WEIGHT_FILES[str(weights)])
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file; use 'rlap', 'pure' or a path to a PhysMamba .h5 file")
+    return path
+
+
+def _fc(g) -> np.ndarray:
+    return _arr(g["vars/0"])[0, 0, 0]  # 1x1x1 Conv3D (1, 1, 1, in, out) without bias -> (in, out)
+
+
+def _conv_bn(g) -> dict:
+    # Keras BatchNormalization stores gamma, beta, moving_mean, moving_variance as vars/0..3.
+    bn = g["layers/batch_normalization/vars"]
+    return {"conv": {"w": _arr(g["layers/conv3d/vars/0"]), "b": _arr(g["layers/conv3d/vars/1"])},
+            "bn": {k: _arr(bn[str(i)]) for i, k in enumerate(("gamma", "beta", "mean", "var"))}}
+
+
+def _channel_att(g) -> dict:
+    return {"fc1": _fc(g["fc/layers/conv3d"]), "fc2": _fc(g["fc/layers/conv3d_1"])}
+
+
+def _physmamba_block(g) -> dict:
+    m, ml = g["layers/mamba_layer/mamba"], g["layers/mamba_layer"]
+    norm = lambda n: {"gamma": _arr(ml[f"{n}/vars/0"]), "beta": _arr(ml[f"{n}/vars/1"])}
+    bn = g["layers/batch_normalization/vars"]
+    return {
+        "cdc": _arr(g["layers/cdc/vars/0"]),
+        "bn": {k: _arr(bn[str(i)]) for i, k in enumerate(("gamma", "beta", "mean", "var"))},
+        "mamba_layer": {
+            "norm1": norm("norm1"),
+            "mamba": {
+                "in_proj": _arr(m["in_projection/vars/0"]),
+                "conv_w": _arr(m["conv1d/vars/0"])[:, 0, :],  # Keras depthwise (k, 1, d) -> (k, d)
+                "conv_b": _arr(m["conv1d/vars/1"]),
+                "x_proj": _arr(m["x_projection/vars/0"]),
+                "dt_proj": {"w": _arr(m["delta_t_projection/vars/0"]), "b": _arr(m["delta_t_projection/vars/1"])},
+                "A_log": _arr(m["vars/0"]),  # BiMamba.build adds A_log, then D
+                "D": _arr(m["vars/1"]),
+                "out_proj": _arr(m["out_projection/vars/0"]),
+            },
+            "norm2": norm("norm2"),
+            "channel_att": _channel_att(ml["channel_att"]),
+        },
+        "channel_att": _channel_att(g["layers/channel_attention3d"]),
+    }
+
+
+def load_physmamba_params(weights: str | Path = "rlap") -> dict:
+    """The PhysMamba parameter pytree (nested dicts of numpy float32) from 'rlap', 'pure' or an .h5 path."""
+    with h5py.File(physmamba_weights_path(weights), "r") as f:
+        # upsample1 and upsample2 are unnamed Sequentials: Keras stored them as layers/sequential_12, _13.
+        return {
+            "stem": [_conv_bn(f[f"conv_block{i}"]) for i in (1, 2, 3)],
+            "slow_in": _conv_bn(f["conv_block4"]),
+            "fast_in": _conv_bn(f["conv_block5"]),
+            "slow": [_physmamba_block(f[f"block{i}"]) for i in (1, 2, 3)],
+            "fast": [_physmamba_block(f[f"block{i}"]) for i in (4, 5, 6)],
+            "fuse": [_conv_bn(f[f"fuse_{i}/conv"]) for i in (1, 2)],
+            "slow_up": _conv_bn(f["layers/sequential_12"]),
+            "fast_out": _conv_bn(f["conv_block6"]),
+            "head_up": _conv_bn(f["layers/sequential_13"]),
+            "head": {"w": _arr(f["conv_last/vars/0"])[0, 0, 0], "b": _arr(f["conv_last/vars/1"])},
+        }
+
+
+def check_physmamba_weights(weights: str | Path = "rlap") -> int:
+    """The parameter count of a PhysMamba weights file; ValueError unless every stored value is imported."""
+    path = physmamba_weights_path(weights)
+    n, stored = param_count(load_physmamba_params(path)), _stored_value_count(path)
+    if n != stored:
+        raise ValueError(f"{path}: {stored:,} values stored, {n:,} imported as parameters")
+    return n
+
+
 def check_published() -> None:
     """Raise PublishedFileError unless every published file is present with its sha256."""
     for name in SHA256:
@@ -230,11 +321,14 @@ def main(argv=None) -> int:
     try:
         check_published()
         counts = {name: check_weights(name) for name in WEIGHT_FILES}
+        physmamba_counts = {name: check_physmamba_weights(name) for name in PHYSMAMBA_WEIGHT_FILES}
     except (PublishedFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for name, n in counts.items():
         print(f"ME-rPPG {name}: {n:,} parameters, every stored value imported")
+    for name, n in physmamba_counts.items():
+        print(f"PhysMamba {name}: {n:,} parameters, every stored value imported")
     print(f"all {len(SHA256)} published files present with the expected sha256")
     return 0
 
