@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REF_VENV := .venv-ref
 REF_STAMP := $(REF_VENV)/.installed
 
-.PHONY: demo test test-all bench bench-train bench-model ref-venv fixtures gpu-kit clean
+.PHONY: demo test test-all bench bench-train bench-live bench-physmamba bench-model ref-venv fixtures gpu-kit clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,11 +49,20 @@ bench: $(STAMP) $(REF_STAMP)
 bench-train: $(STAMP) $(REF_STAMP)
 	$(PY) bench/bench_train.py --ref-python $(REF_VENV)/bin/python
 
+# Live: per-frame latency (paced), frames/s (unpaced), RSS after 1 and 10 min, beside open-rppg's real-time path.
+bench-live: $(STAMP) $(REF_STAMP)
+	$(PY) bench/bench_live.py --ref-python $(REF_VENV)/bin/python
+
+# PhysMamba: whole-video frames/s and peak memory (1 and 10 min) against a few chunks of the Keras model.
+bench-physmamba: $(STAMP) $(REF_STAMP)
+	$(PY) bench/bench_physmamba.py --ref-python $(REF_VENV)/bin/python
+
 # What bench/gpu_check.sh needs on a lent GPU machine that has no network: the published weights.
 gpu-kit: $(STAMP)
 	mkdir -p .gpu-kit/weights
 	dir=$$($(PY) -c 'from transforms.published_files import weights_dir; print(weights_dir())') && \
-	  cp "$$dir/ME.rlap.weights.h5" "$$dir/ME.pure.weights.h5" "$$dir/state.pkl" .gpu-kit/weights/
+	  cp "$$dir/ME.rlap.weights.h5" "$$dir/ME.pure.weights.h5" "$$dir/state.pkl" \
+	    "$$dir/PhysMamba.rlap.weights.h5" "$$dir/PhysMamba.pure.weights.h5" .gpu-kit/weights/
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) *.egg-info

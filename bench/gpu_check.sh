@@ -2,7 +2,8 @@
 # The GPU figures of the evaluation issue in one run, on a machine with an NVIDIA GPU and no network:
 # batched whole-video ME-rPPG throughput at B = 1, 16, 64, 256 recordings per device call in float32 and
 # bfloat16 (bench_model.py), the training step's device memory and frames/s on 32 sequences of 1600 frames
-# (bench_train.py, against 160 frames), and the model parity tests on that GPU. Nothing is installed: the machine's
+# (bench_train.py, against 160 frames), PhysMamba's batched throughput at b = 1, 8, 32 chunks of 128 frames per
+# device call (bench_physmamba.py), and the model parity tests on that GPU. Nothing is installed: the machine's
 # Python must bring JAX with CUDA, h5py and pytest; the published weights come in .gpu-kit/ (`make gpu-kit`
 # on a machine with this project installed, then copy .gpu-kit along with the checkout).
 # Usage, from the repository root:  sh bench/gpu_check.sh OUT_DIR   (exit status 1 if a step failed)
@@ -26,5 +27,8 @@ step model-gpu "$py" bench/bench_model.py --batch-sizes ${BATCH_SIZES:-1 16 64 2
 # Training: train_step on B = 32 sequences of 160 and 1600 frames (device peak memory, frames/s); no Keras here.
 step train-gpu "$py" bench/bench_train.py --batch ${TRAIN_BATCH:-32} --lengths ${TRAIN_LENGTHS:-160 1600} \
     --repeats 3 --out "$out/train-gpu.json"
-step parity-gpu "$py" -m pytest -p no:cacheprovider tests/test_model_parity.py
+# PhysMamba: b 128-frame chunks per device call (frames/s, compile time); no whole-video or Keras runs here.
+step physmamba-gpu "$py" bench/bench_physmamba.py --minutes --batch-sizes ${PHYSMAMBA_BATCH_SIZES:-1 8 32} \
+    --out "$out/physmamba-gpu.json"
+step parity-gpu "$py" -m pytest -p no:cacheprovider tests/test_model_parity.py tests/test_physmamba.py
 exit $status

@@ -80,8 +80,9 @@ def load(name: str = "me-rppg", weights: str | Path = "rlap", precision: str = "
     if not jnp.issubdtype(jnp.dtype(precision), jnp.floating):  # TypeError if not a dtype
         raise ValueError(f"precision must be a floating dtype such as float32 or bfloat16, got {precision!r}")
     # imported here, not with the package: `python -m model.weights` runs that module as __main__
-    from model.weights import load_initial_state, load_params
+    from model.weights import load_initial_state, load_params, weights_config
 
-    params = jax.tree.map(jnp.asarray, load_params(weights, ME))
-    state = jax.tree.map(jnp.asarray, load_initial_state(ME, weights))
-    return MEModel(dataclasses.replace(ME, compute_dtype=precision), params, state)
+    cfg = weights_config(weights)  # a training run's network may be reduced
+    params = jax.tree.map(jnp.asarray, load_params(weights, cfg))
+    state = jax.tree.map(jnp.asarray, load_initial_state(cfg, weights))
+    return MEModel(dataclasses.replace(cfg, compute_dtype=precision), params, state)

@@ -62,6 +62,16 @@ class MEConfig:
 
 ME = MEConfig()
 
+# The fields that shape a network's parameters: what a training run may change (`pulsepipe train`'s
+# `architecture`) and a weights file records. The chunk, crop size and frame rate are the data's, fixed.
+ARCHITECTURE_FIELDS = ("n_blocks", "layers_per_block", "filters", "d_state", "expand", "block_k_conv",
+                       "head_k_conv", "head_width", "head_layers")
+
+
+def architecture(cfg: MEConfig) -> dict[str, int]:
+    """cfg's ARCHITECTURE_FIELDS, by name."""
+    return {name: getattr(cfg, name) for name in ARCHITECTURE_FIELDS}
+
 
 @dataclass(frozen=True)
 class PhysMambaConfig:

@@ -17,7 +17,11 @@ sequence, memory growing with T) and "remat" (`jax.checkpoint` per chunk in a `l
 gradients, for tests and for backends where they are fast.
 
 Data parallel: a `Mesh` over the local devices with axis "data"; batches sharded along B, the train state
-replicated; XLA sums the gradients across devices. The same code runs on one device.
+replicated; XLA sums the gradients across devices. The same code runs on one device. Across processes (one
+per host under `jax.distributed`, e.g. Ray Train's workers): each process takes its consecutive slice of
+every batch (`transforms.sequences.iter_batches(part=...)`) and keeps its own copy of the train state; the
+loss's denominator, the loss and the gradients are summed over processes (`process_allgather`), so every
+process applies the same update and each micro-batch draws the dropout of its place in the whole batch.
 
 Batch: {"frames": uint8 (B, T, 36, 36, 3), "bvp": float32 (B, T) normalised label, 0 where masked,
         "mask": bool (B, T), frames with a face and ground truth}; only masked-in frames enter the loss.
@@ -105,8 +109,8 @@ def optimizer(hp: TrainHParams) -> optax.GradientTransformation:
 
 
 def data_mesh(devices=None) -> Mesh:
-    """A 1-d mesh with axis "data" over `devices` (default: all local devices)."""
-    return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+    """A 1-d mesh with axis "data" over `devices` (default: this process's devices)."""
+    return Mesh(np.asarray(jax.local_devices() if devices is None else devices), ("data",))
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
@@ -174,7 +178,7 @@ def _placed(params, batch: dict, key):
     the default device; returns them and the split sharding. jit compiles per input placement, so every
     chunk's inputs are placed alike: the per-chunk functions compile once."""
     sharding = jax.tree.leaves(params)[0].sharding
-    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else data_mesh(jax.devices()[:1])
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else data_mesh(jax.local_devices()[:1])
     replicated = NamedSharding(mesh, PartitionSpec())
     by_batch = NamedSharding(mesh, PartitionSpec("data"))
     return jax.device_put(params, replicated), shard_batch(batch, mesh), jax.device_put(key, replicated), by_batch
@@ -322,23 +326,42 @@ def loss_and_grads(params, batch: dict, key, hp: TrainHParams, cfg: MEConfig = M
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "chunked":
+        if jax.process_count() > 1:  # their loss divides by the process's own part
+            raise ValueError(f"method {method!r} runs in one process; across processes use 'chunked'")
         params, batch, key, _ = _placed(params, batch, key)
         return _grads_traced(params, batch, key, hp.dropout, hp.loss, cfg, method == "remat")
-    b = batch["frames"].shape[0]
+    b = batch["frames"].shape[0]  # this process's part of the batch
     m = hp.micro_batch or b
     if b % m:
         raise ValueError(f"micro_batch {m} does not divide the batch of {b}")
-    denominator = float(loss_denominator(np.asarray(batch["mask"]), hp.loss))  # a host number: no device of its own
+    processes = jax.process_count()
+    # a host number (no device of its own), of the whole batch: every process's part divides by the same
+    denominator = float(_process_sum(loss_denominator(np.asarray(batch["mask"]), hp.loss)))
+    first = jax.process_index() * (b // m)  # this process's first micro-batch in the whole batch
     loss = grads = None
     for g in range(0, b, m):  # one micro-batch's activations in memory at a time
         part = {k: v[g:g + m] for k, v in batch.items()}
-        part_key = key if m == b else jax.random.fold_in(key, g // m)  # its own dropout draw
+        part_key = key if m == b and processes == 1 else jax.random.fold_in(key, first + g // m)  # its own draw
         placed_params, part, part_key, by_batch = _placed(params, part, part_key)
         part_loss, part_grads = _grads_chunked(placed_params, part, part_key, hp.dropout, hp.loss, cfg, by_batch,
                                                denominator)
         loss = part_loss if loss is None else loss + part_loss
         grads = part_grads if grads is None else jax.tree.map(jnp.add, grads, part_grads)
+    if processes > 1:
+        loss, grads = _process_sum((loss, grads), like=(loss, grads))
     return loss, grads
+
+
+def _process_sum(tree, like=None):
+    """tree summed over the processes of a `jax.distributed` run, in process order (the same on each); with
+    `like`, placed as like's leaves are. One process: tree unchanged."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    summed = jax.tree.map(lambda a: np.sum(a, axis=0), multihost_utils.process_allgather(tree))
+    return summed if like is None else jax.tree.map(lambda a, l: jax.device_put(a.astype(l.dtype), l.sharding),
+                                                    summed, like)
 
 
 # ---------------------------------------------------------------- step

@@ -19,6 +19,8 @@ PhysMamba (`load_physmamba_params`; C = 64 on the slow stream, 32 on the fast on
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ import h5py
 import jax
 import numpy as np
 
-from model.config import ME, MEConfig
+from model.config import ME, MEConfig, architecture
 from model.me_rppg import param_count
 from model.state import MambaState, MEState, SSConvState, TNState
 from transforms.published_files import SHA256, PublishedFileError, published_path
@@ -35,6 +37,8 @@ from transforms.published_files import SHA256, PublishedFileError, published_pat
 WEIGHT_FILES = {"rlap": "ME.rlap.weights.h5", "pure": "ME.pure.weights.h5"}
 PHYSMAMBA_WEIGHT_FILES = {"rlap": "PhysMamba.rlap.weights.h5", "pure": "PhysMamba.pure.weights.h5"}
 RUN_WEIGHTS, RUN_STATE = "best.weights.h5", "best.state.npz"  # in a `pulsepipe train` run folder
+CHAMPION, VERSIONS = "champion", "models"  # a `pulsepipe refresh` registry: the pointer, and models/<version>/
+ARCHITECTURE_ATTR = "pulsepipe.architecture"  # JSON of model.config.architecture, in files save_params writes
 
 
 def _arr(ds) -> np.ndarray:
@@ -63,11 +67,19 @@ def _keras_name(base: str, i: int) -> str:
     return base if i == 0 else f"{base}_{i}"  # Keras auto-names: ssc_block, ssc_block_1, ...
 
 
+def weights_folder(path: Path) -> Path:
+    """A `pulsepipe refresh` registry root (a folder holding the `champion` pointer) as its champion's
+    version folder, `models/<version>/` (a run folder's files); any other path as given."""
+    pointer = path / CHAMPION
+    return path / VERSIONS / pointer.read_text().strip() if pointer.is_file() else path
+
+
 def weights_path(weights: str | Path) -> Path:
-    """The .h5 file of 'rlap', 'pure', a path to a weights file, or a training run folder (its best weights)."""
+    """The .h5 file of 'rlap', 'pure', a path to a weights file, a training run folder (its best weights),
+    or a refresh registry (its champion's) or one of its versions."""
     if str(weights) in WEIGHT_FILES:
         return published_path(WEIGHT_FILES[str(weights)])
-    path = Path(weights)
+    path = weights_folder(Path(weights))
     if path.is_dir():
         if not (path / RUN_WEIGHTS).is_file():
             raise FileNotFoundError(f"{path}: a folder without {RUN_WEIGHTS}: not a `pulsepipe train` run folder "
@@ -79,8 +91,18 @@ def weights_path(weights: str | Path) -> Path:
     return path
 
 
-def load_params(weights: str | Path = "rlap", cfg: MEConfig = ME) -> dict:
-    """The parameter pytree (nested dicts of numpy float32) from 'rlap', 'pure' or an .h5 path."""
+def weights_config(weights: str | Path = "rlap") -> MEConfig:
+    """The network a weights file holds: the architecture `save_params` recorded in it (a training run's,
+    which may be reduced), else the published one."""
+    with h5py.File(weights_path(weights), "r") as f:
+        recorded = f.attrs.get(ARCHITECTURE_ATTR)
+    return ME if recorded is None else dataclasses.replace(ME, **json.loads(recorded))
+
+
+def load_params(weights: str | Path = "rlap", cfg: MEConfig | None = None) -> dict:
+    """The parameter pytree (nested dicts of numpy float32) from 'rlap', 'pure' or an .h5 path, for cfg
+    (default: the file's own, `weights_config`; a smaller cfg reads the leading blocks and layers)."""
+    cfg = cfg or weights_config(weights)
     with h5py.File(weights_path(weights), "r") as f:
         blocks = []
         for i in range(cfg.n_blocks):
@@ -155,6 +177,7 @@ def save_params(params, path: str | Path, cfg: MEConfig = ME) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with h5py.File(tmp, "w") as f:
+        f.attrs[ARCHITECTURE_ATTR] = json.dumps(architecture(cfg), sort_keys=True)
         for name, a in _keras_arrays(params, cfg).items():
             f.create_dataset(name, data=a)
     tmp.replace(path)
@@ -189,13 +212,14 @@ def save_run_weights(run: str | Path, params, initial_state: MEState, cfg: MECon
     save_params(params, run / RUN_WEIGHTS, cfg)
 
 
-def load_initial_state(cfg: MEConfig = ME, weights: str | Path = "rlap") -> MEState:
+def load_initial_state(cfg: MEConfig | None = None, weights: str | Path = "rlap") -> MEState:
     """The initial inference state (batch 1) that goes with `weights`: a training run folder's own
-    (`save_run_weights`), else the published one.
+    (`save_run_weights`), else the published one; cfg defaults to the weights' own (`weights_config`).
 
     `state.pkl` is a pickle (of jax arrays), so it is unpickled only after its sha256 check.
     """
-    run_state = Path(weights) / RUN_STATE
+    cfg = cfg or weights_config(weights)
+    run_state = weights_folder(Path(weights)) / RUN_STATE
     if str(weights) not in WEIGHT_FILES and run_state.is_file():
         template, treedef = jax.tree.flatten(MEState.zeros(1, cfg))
         with np.load(run_state) as stored:

@@ -67,7 +67,8 @@ class AugmentStep:
     """One (source recording, factor) in, one manifest row out; writes the augmented shard atomically.
 
     Streams the source shard a row group at a time through a TimeScaler into a SegmentBuilder: memory is
-    one source row group plus one output segment, whatever the recording's length.
+    one source row group plus one output segment, whatever the recording's length. Every crop size the
+    source holds (frames and each frames_<size>) is time-scaled alike.
     """
 
     def __init__(self, input_uri: str, output_uri: str, segment_frames: int = SEGMENT_FRAMES):
@@ -76,6 +77,16 @@ class AugmentStep:
         self.segment_frames = segment_frames
 
     def __call__(self, item: dict) -> dict:
+        return shard_job.fill_row(self._row(item), lambda: self._process(item), item["source"]["shard"])
+
+    def lost(self, item: dict, reason: str) -> dict:
+        """The item's row, failed with the reason: making it killed the worker on every attempt
+        (pipelines.engines.supervisor)."""
+        return shard_job.fill_row(self._row(item), shard_job.failing(f"{item['source']['shard']}: {reason}"),
+                                  item["source"]["shard"])
+
+    @staticmethod
+    def _row(item: dict) -> dict:
         src = item["source"]
         metadata = {**json.loads(src["metadata_json"] or "{}"), "augment_source": src["recording_id"],
                     "augment_scale": item["factor"], "source_hr_bpm": item["source_hr"],
@@ -83,7 +94,7 @@ class AugmentStep:
         row = {"recording_id": item["recording_id"], "subject_id": src["subject_id"], "dataset": src["dataset"],
                "source_uri": src["source_uri"], "fingerprint": item["fingerprint"],
                "config_hash": item["config_hash"], "metadata_json": json.dumps(metadata, sort_keys=True)}
-        return shard_job.fill_row(row, lambda: self._process(item), src["shard"])
+        return row
 
     def _process(self, item: dict) -> dict:
         src, factor = item["source"], item["factor"]
@@ -99,7 +110,7 @@ class AugmentStep:
             nonlocal n_source
             for seg in itertools.chain([first], segments):
                 n_source += seg.n_frames
-                yield scaler.push(seg.timestamps, seg.frames, seg.face_found, seg.face_box, seg.bvp)
+                yield scaler.push(seg.timestamps, seg.frames, seg.face_found, seg.face_box, seg.bvp, seg.extra_crops)
 
         counts = write_recording(f"{self.out_root.rstrip('/')}/{shard}", self.out_fs, self._meta(first, item),
                                  scaled(), self.segment_frames)

@@ -15,13 +15,15 @@ def progress(line: str) -> None:
 
 
 @contextmanager
-def stderr_without(noise: re.Pattern):
+def stderr_without(noise: re.Pattern, fd: int = 2):
     """Filter this process's stderr (file descriptor 2, which an engine's local worker processes inherit and
-    its native code writes to) through a thread that drops the lines `noise` matches while the block runs."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    its native code writes to; or `fd`, 1 for stdout) through a thread that drops the lines `noise` matches
+    while the block runs."""
+    stream = sys.stdout if fd == 1 else sys.stderr
+    stream.flush()
+    saved = os.dup(fd)
     read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
+    os.dup2(write_end, fd)
     os.close(write_end)
 
     def pump():
@@ -35,8 +37,8 @@ def stderr_without(noise: re.Pattern):
     try:
         yield
     finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # the pipe's last writer here; the workers holding it have ended with the job
+        stream.flush()
+        os.dup2(saved, fd)  # the pipe's last writer here; the workers holding it have ended with the job
         thread.join(timeout=10)
         if not thread.is_alive():
             os.close(saved)

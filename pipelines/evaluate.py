@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -29,19 +29,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import journal
 from pipelines.arguments import number_at_least, whole_number
 from pipelines.console import progress
 from pipelines.engines import EngineOptions, add_engine_arguments, engine_options, run_step
 from pipelines.errors import JobError
 from pipelines.lock import add_lock_argument, check_output, claimed_output
-from pipelines.predictors import PRECISIONS, Block, ModelSet, StreamRead, check_models
+from pipelines.predictors import PRECISIONS, Block, ModelSet, StreamRead, check_models, model_crop_sizes
 from pipelines.shard_job import manifest_rows
 from transforms import signal
 from transforms.errors import ItemFailed
-from transforms.manifest import package_version
+from transforms.manifest import manifest_uri, package_version, source_stats
 from transforms.metrics import METRIC_COLUMNS
 from transforms.resample import FPS
-from transforms.shards import atomic_file, read_segments
+from transforms.shards import CROP_SIZE, atomic_file, crop_column, read_segments, shard_crop_sizes
 
 DEFAULT_MODELS = ("me-chunk:rlap", "me-chunk:pure", "me-flow:rlap", "green", "chrom", "pos")
 WINDOWS = (10.0, 30.0)  # default sliding-window lengths, seconds
@@ -61,6 +62,9 @@ PREDICTION_SCHEMA = pa.schema([
     ("metadata_json", pa.string()),
 ])
 
+
+WAVEFORMS = ("bvp_pred", "bvp_true")  # the columns only predictions.parquet holds, not the driver's rows
+PARTS_PREFIX = ".prediction-parts-"
 
 _TEXT_METRIC_COLUMNS = ("level", "model", "dataset", "group_key", "group_value", "subject_id", "recording_id")
 METRICS_SCHEMA = pa.schema([(c, pa.string() if c in _TEXT_METRIC_COLUMNS else pa.int64() if c.startswith("n_")
@@ -89,10 +93,11 @@ class EvaluateSettings:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="output root of `pulsepipe preprocess` (manifest.parquet, shards/)")
     p.add_argument("--output", required=True, help="where predictions.parquet, metrics.parquet and report.html go")
-    p.add_argument("--model", dest="models", action="append",
-                   help=f"model to run, repeatable (default: {' '.join(DEFAULT_MODELS)}); "
+    p.add_argument("--model", dest="models", action="extend", nargs="+", metavar="NAME",
+                   help=f"models to run: --model A B or --model A --model B (default: {' '.join(DEFAULT_MODELS)}); "
                         "ME-rPPG as me-chunk:WEIGHTS or me-flow:WEIGHTS with rlap, pure, a .weights.h5 path or a "
-                        "`pulsepipe train` run folder")
+                        "`pulsepipe train` run folder; PhysMamba as physmamba:WEIGHTS with rlap, pure or a .h5 path "
+                        "(it reads 128x128 crops: preprocess with crop_sizes [36, 128])")
     p.add_argument("--windows", type=number_at_least(MIN_WINDOW_S, "a window length in seconds"), nargs="+",
                    default=list(WINDOWS), metavar="SECONDS",
                    help=f"sliding-window lengths for windowed heart rate, at least {MIN_WINDOW_S:g} s "
@@ -141,24 +146,35 @@ def recording_truth(uri: str, read: StreamRead) -> RecordingTruth | str:
     return RecordingTruth(read.face_found, read.truth, usable, hr_true)
 
 
-def _shard_segments(uri: str, fs) -> Iterator:
-    """`read_segments` of a shard, every column; an unreadable shard is an ItemFailed naming it."""
+def _shard_segments(uri: str, fs, columns: list[str]) -> Iterator:
+    """`read_segments` of a shard's columns; an unreadable shard is an ItemFailed naming it."""
     try:
-        yield from read_segments(uri, fs, columns=None)
+        yield from read_segments(uri, fs, columns=columns)
     except Exception as e:  # noqa: BLE001 - an unreadable shard fails its recording, not the bucket
         raise ItemFailed(f"{uri}: cannot read the shard: {type(e).__name__}: {e}") from e
 
 
-def shard_blocks(uri: str, fs) -> Iterator[Block]:
+def no_crops(uri: str, size: int) -> str:
+    """Why a shard cannot feed a model that reads size x size crops, and what to do."""
+    return f"{uri} has no {size}x{size} crops: re-run preprocess with crop_sizes including {size}"
+
+
+def shard_blocks(uri: str, fs, sizes=(CROP_SIZE,)) -> Iterator[Block]:
     """A recording's shard, segment by segment, as blocks for the models with their ground truth (for
-    `ModelSet.feed`); ItemFailed if the shard cannot be read or a segment is missing."""
+    `ModelSet.feed`): the crops at each of `sizes` (only their columns are read); ItemFailed if the shard
+    cannot be read, a segment is missing or lacks a size."""
+    columns = ["segment_index", "start_frame", "face_found", "bvp", *{crop_column(s) for s in sizes}]
     n_expected = 0
-    for seg in _shard_segments(uri, fs):
+    for seg in _shard_segments(uri, fs, columns):
         if seg.start_frame != n_expected:
             raise ItemFailed(f"{uri}: segment {seg.segment_index} starts at frame {seg.start_frame}, "
                              f"expected {n_expected}")
         n_expected += seg.n_frames
-        yield Block(seg.frames, seg.face_found, truth=seg.bvp)
+        crops = {s: seg.crops(s) for s in sizes}
+        for s, c in crops.items():
+            if c is None:
+                raise ItemFailed(no_crops(uri, s))
+        yield Block(crops, seg.face_found, truth=seg.bvp)
 
 
 class EvaluateStep:
@@ -182,12 +198,30 @@ class EvaluateStep:
         except Exception as e:  # noqa: BLE001 - a bug must not drop recordings: they are reported failed
             reason = f"internal error: {type(e).__name__}: {e}"
             rows = [self._failed(item, f"{self._uri(item)}: {reason}") for item in items]
-        rows = [{**dict.fromkeys(PREDICTION_SCHEMA.names), **r} for rs in rows for r in rs]  # failed: nulls
-        with atomic_file(f"{self.parts}/{bucket['index']:08d}.parquet", self.out_fs) as f:
-            pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA), f)
+        return self._recorded(items, rows, started)
+
+    def lost(self, bucket: dict, reason: str) -> dict:
+        """The bucket's recordings failed for every model, with the reason: processing them killed the
+        worker on every attempt (pipelines.engines.supervisor)."""
+        items = bucket["recordings"]
+        return self._recorded(items, [self._failed(item, f"{self._uri(item)}: {reason}") for item in items],
+                              time.perf_counter())
+
+    @staticmethod
+    def split(bucket: dict) -> list[dict]:
+        """A bucket per recording: after a worker died on the bucket, each recording is tried alone."""
+        return [{**bucket, "recordings": [item]} for item in bucket["recordings"]]
+
+    def _recorded(self, items: list[dict], rows: list[list[dict]], started: float) -> dict:
+        """Each recording's rows written as its part file (`part_name`), whole or not at all, so a re-run
+        after a killed driver knows it done; the result holds the rows without waveforms."""
+        rows = [[{**dict.fromkeys(PREDICTION_SCHEMA.names), **r} for r in rs] for rs in rows]  # failed: nulls
+        for item, recording_rows in zip(items, rows):
+            with atomic_file(f"{self.parts}/{part_name(item)}", self.out_fs) as f:
+                pq.write_table(pa.Table.from_pylist(recording_rows, schema=PREDICTION_SCHEMA), f)
+        rows = [r for rs in rows for r in rs]
         self._progress(rows, len(items), time.perf_counter() - started)
-        # what the driver needs for metrics: everything but the waveforms
-        return {"rows": [{k: v for k, v in r.items() if k not in ("bvp_pred", "bvp_true")} for r in rows]}
+        return {"rows": [{k: v for k, v in r.items() if k not in WAVEFORMS} for r in rows]}
 
     def _uri(self, item: dict) -> str:
         # a recording that failed in preprocessing has no shard: its messages name it instead
@@ -198,7 +232,7 @@ class EvaluateStep:
         """The recording's blocks (`shard_blocks`); ItemFailed if it failed in preprocessing."""
         if item.get("reason"):
             raise ItemFailed(item["reason"])
-        yield from shard_blocks(self._uri(item), self.in_fs)
+        yield from shard_blocks(self._uri(item), self.in_fs, self.models.crop_sizes)
 
     def _predict(self, items: list[dict]) -> list[list[dict]]:
         fed = self.models.feed([self._blocks(item) for item in items])
@@ -324,32 +358,88 @@ def check_request(settings: EvaluateSettings) -> list[dict]:
     manifest = manifest_rows(settings.input_uri)
     if not manifest:
         raise JobError(f"{settings.input_uri}: no manifest.parquet; run `pulsepipe preprocess` first")
+    check_crops(settings, manifest)
     check_output(settings.output_uri)
     return work_items(manifest)
 
 
+def check_crops(settings: EvaluateSettings, manifest: list[dict]) -> None:
+    """JobError when a model reads a crop size (PhysMamba's 128) that a recording's shard lacks: each ok
+    shard's footer names its sizes, so hours of other models' work are not spent before the gap shows.
+    Only runs that ask for such a size read the footers; a shard that cannot be read fails in the step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = {}
+    for name, size in model_crop_sizes(settings.models).items():
+        if size != CROP_SIZE:  # the shards' `frames`: every shard has them
+            wanted.setdefault(size, []).append(name)
+    if not wanted:
+        return
+    fs, root = fsspec.core.url_to_fs(settings.input_uri)
+    uris = [f"{root.rstrip('/')}/{r['shard']}" for r in manifest if r["status"] == "ok" and r["shard"]]
+
+    def sizes(uri: str) -> tuple[int, ...] | None:
+        try:  # written before shards named their sizes: `frames` only
+            return shard_crop_sizes(uri, fs) or (CROP_SIZE,)
+        except Exception:  # noqa: BLE001 - the step reports an unreadable shard as that recording's failure
+            return None
+
+    with ThreadPoolExecutor(8) as pool:  # footers only: I/O bound
+        found = dict(zip(uris, pool.map(sizes, uris)))
+    for size, names in sorted(wanted.items()):
+        lacking = [u for u, have in found.items() if have is not None and size not in have]
+        if lacking:
+            raise JobError(f"{', '.join(names)}: {len(lacking)} of {len(uris)} recordings: "
+                           f"{no_crops(lacking[0], size)}" + (" (and the others likewise)" if len(lacking) > 1 else ""))
+
+
 def predict(settings: EvaluateSettings, opts: EngineOptions, items: list[dict], log) -> list[dict]:
-    """EvaluateStep over buckets of the items on the engine, its part files merged into predictions.parquet;
-    returns the rows without waveforms, by dataset, recording and the models' order."""
-    work = buckets(items, settings.recordings_per_call)
-    log(f"{len(items)} recordings from {settings.input_uri} in {len(work)} buckets of up to "
-        f"{settings.recordings_per_call}, models {', '.join(settings.models)}, on {opts.engine} ({_device(opts)})")
+    """EvaluateStep over buckets of the items on the engine, each recording's rows a part file, the parts
+    merged into predictions.parquet; returns the rows without waveforms, by dataset, recording and the
+    models' order.
+
+    The parts folder is named for the request (`_request_key`) and removed only once merged: a re-run of
+    the same request after a killed driver redoes only the recordings without a part; a different request
+    starts afresh (another request's parts, and temp files killed writers left, are removed first).
+    """
     out_fs, out_root = fsspec.core.url_to_fs(settings.output_uri)
     out_fs.makedirs(out_root, exist_ok=True)
-    parts_name = f".prediction-parts-{uuid.uuid4().hex}"  # workers write here; merged below
+    parts_name = f"{PARTS_PREFIX}{_request_key(settings, opts)}"  # workers write here; merged below
     parts = f"{out_root.rstrip('/')}/{parts_name}"
+    for old in out_fs.ls(out_root, detail=False):
+        if posixpath.basename(old).startswith(PARTS_PREFIX) and posixpath.basename(old) != parts_name:
+            out_fs.rm(old, recursive=True)
+    journal.remove_temp_files(settings.output_uri)
     out_fs.makedirs(parts, exist_ok=True)
+    present = {posixpath.basename(p) for p in out_fs.ls(parts, detail=False)}
+    todo = [item for item in items if part_name(item) not in present]
+    work = buckets(todo, settings.recordings_per_call)
+    done = len(items) - len(todo)
+    resumed = f" ({done} done before, from the parts of an interrupted run)" if done else ""
+    log(f"{len(items)} recordings from {settings.input_uri}{resumed} in {len(work)} buckets of up to "
+        f"{settings.recordings_per_call}, models {', '.join(settings.models)}, on {opts.engine} ({_device(opts)})")
     step_kwargs = {"input_uri": settings.input_uri, "parts_uri": f"{settings.output_uri.rstrip('/')}/{parts_name}",
                    "models": list(settings.models), "windows": list(settings.windows),
                    "precision": settings.precision, "gpus": bool(opts.num_gpus)}
-    try:
-        results = run_step(EvaluateStep, step_kwargs, work, opts, settings.output_uri)
-        _merge_parts(out_fs, parts, f"{out_root}/predictions.parquet")
-    finally:
-        out_fs.rm(parts, recursive=True)
-    rows = [r for res in results for r in res["rows"]]
+    run_step(EvaluateStep, step_kwargs, work, opts, settings.output_uri)
+    ordered = sorted(items, key=lambda i: (i["dataset"], i["recording_id"]))
+    rows = _merge_parts(out_fs, [f"{parts}/{part_name(i)}" for i in ordered], f"{out_root}/predictions.parquet")
+    out_fs.rm(parts, recursive=True)
     rows.sort(key=lambda r: (r["dataset"], r["recording_id"], settings.models.index(r["model"])))
     return rows
+
+
+def part_name(item: dict) -> str:
+    """The file name of a recording's prediction part."""
+    return f"{journal.key([item['dataset'], item['recording_id']])}.parquet"
+
+
+def _request_key(settings: EvaluateSettings, opts: EngineOptions) -> str:
+    """What decides a recording's predictions: the input manifest's version, the models, windows, precision
+    and device."""
+    in_fs, in_root = fsspec.core.url_to_fs(settings.input_uri)
+    return journal.key({"manifest": source_stats([manifest_uri(in_root)], in_fs), "models": settings.models,
+                        "windows": settings.windows, "precision": settings.precision, "gpus": bool(opts.num_gpus)})
 
 
 def score(settings: EvaluateSettings, opts: EngineOptions, rows: list[dict], n_recordings: int
@@ -412,13 +502,17 @@ def _n_scored(ok: list[dict], models) -> int:
     return sum(n == len(models) for n in per_recording.values())
 
 
-def _merge_parts(fs, parts: str, target: str) -> None:
-    # one part file per recording, streamed into one table: memory holds one recording's rows at a time
-    with atomic_file(target, fs) as f:
-        with pq.ParquetWriter(f, PREDICTION_SCHEMA) as writer:
-            for path in sorted(fs.ls(parts, detail=False)):
-                with fs.open(path, "rb") as part:
-                    writer.write_table(pq.read_table(part, schema=PREDICTION_SCHEMA))
+def _merge_parts(fs, paths: list[str], target: str) -> list[dict]:
+    """The part files at paths, in order, streamed into one table at target (memory holds one recording's
+    rows at a time); returns their rows without the waveforms."""
+    rows = []
+    with atomic_file(target, fs) as f, pq.ParquetWriter(f, PREDICTION_SCHEMA) as writer:
+        for path in paths:
+            with fs.open(path, "rb") as part:
+                table = pq.read_table(part, schema=PREDICTION_SCHEMA)
+            writer.write_table(table)
+            rows += table.drop_columns(list(WAVEFORMS)).to_pylist()
+    return rows
 
 
 def _waveforms(fs, root: str, wanted: list[tuple[str, str, str]]) -> dict:

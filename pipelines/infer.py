@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("video", help="a video file (mp4, avi, mov, mkv, ...) or a folder of image frames")
     p.add_argument("--model", choices=MODEL_NAMES, default="me-chunk", help="BVP model (default: me-chunk)")
     p.add_argument("--weights", default="rlap",
-                   help="ME-rPPG weights: rlap, pure, a .weights.h5 path or a `pulsepipe train` run folder (default: rlap)")
+                   help="ME-rPPG weights: rlap, pure, a .weights.h5 path or a `pulsepipe train` run folder; "
+                        "PhysMamba weights: rlap, pure or a .h5 path (default: rlap)")
     p.add_argument("--out", default=".", help="folder for NAME.bvp.csv and NAME.png (default: current folder)")
     p.add_argument("--image-fps", type=positive_number("a frame rate"), default=FPS,
                    help="frame rate of an image folder (default: 30)")
@@ -71,12 +72,13 @@ def infer_models(
     """Several models over one decode pass of one video: {model name: InferResult}; a model whose BVP is
     flat has hr_bpm NaN. Raises ItemFailed naming the file: unreadable, too short, too little face.
 
-    models: model names (ME-rPPG with the rlap weights), or a ModelSet loaded once for many videos.
+    models: model names (ME-rPPG and PhysMamba with the rlap weights), or a ModelSet loaded once for many
+    videos. The crops are made at each size the models read (36x36, PhysMamba's 128x128), from one decode.
     """
     models = models if isinstance(models, ModelSet) else ModelSet(models)
-    blocks = (Block(b.crops, b.face_found, timestamps=b.timestamps)
+    blocks = (Block(b.sized, b.face_found, timestamps=b.timestamps)
               for b in iter_face_crops(path, detect_every=detect_every, image_fps=image_fps,
-                                       detector=detector, progress=progress))
+                                       detector=detector, progress=progress, sizes=models.crop_sizes))
     fed = models.feed([blocks])
     (read,) = fed.reads
     if read.error:

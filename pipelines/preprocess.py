@@ -23,14 +23,14 @@ from pipelines import shard_job
 from pipelines.engines import add_engine_arguments, engine_options
 from pipelines.errors import JobError
 from pipelines.lock import add_lock_argument, claimed_output
-from pipelines.settings import check, load_settings, number, whole
+from pipelines.settings import check, load_settings, number, some_of, whole
 from transforms.datasets import LAYOUTS, Recording, adapter
 from transforms.errors import ItemFailed
 from transforms.face import FaceDetector
 from transforms.face_crops import face_crops
 from transforms.manifest import config_hash, fingerprint, package_version, source_fingerprint, source_stats
 from transforms.resample import FPS, longest_bridged_s, resample_signal
-from transforms.shards import shard_path, write_recording
+from transforms.shards import CROP_SIZE, EXTRA_CROP_SIZES, shard_path, write_recording
 from transforms.video import decode_threads
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "preprocess.yaml"
@@ -39,6 +39,7 @@ RULES = {  # every setting of configs/preprocess.yaml, checked before any engine
     "detect_every": whole(1), "segment_frames": whole(1), "block_frames": whole(1),
     "min_seconds": number(minimum=0), "min_source_fps": number(minimum=0),
     "min_truth_coverage": number(minimum=0, maximum=1),
+    "crop_sizes": some_of(CROP_SIZE, *EXTRA_CROP_SIZES, required=(CROP_SIZE,)),  # 36 is the shards' `frames`
 }
 
 
@@ -49,6 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help=f"YAML overriding the defaults in {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)}")
     add_lock_argument(p)
     add_engine_arguments(p)
+
+
+def hashed_config(layout: str, config: dict) -> dict:
+    """What the config hash covers: the layout and every setting, crop_sizes only when it is not the default
+    [36]: a setting added later must not make shards made before it look out of date."""
+    hashed = {"layout": layout, **config}
+    if hashed.get("crop_sizes") == [CROP_SIZE]:
+        del hashed["crop_sizes"]
+    return hashed
 
 
 def load_config(path: str | None) -> dict:
@@ -87,6 +97,12 @@ class PreprocessStep:
 
         return shard_job.fill_row(row, work, rec.video)
 
+    def lost(self, item: dict, reason: str) -> dict:
+        """The recording's row, failed with the reason: processing it killed the worker on every attempt
+        (pipelines.engines.supervisor)."""
+        video = item["recording"]["video"]
+        return self({**item, "recording": {**item["recording"], "problem": f"{video}: {reason}"}})
+
     def _process(self, rec: Recording, item: dict) -> dict:
         truth = self.adapter.read_truth(rec, self.in_fs)
         cfg = self.config
@@ -98,8 +114,10 @@ class PreprocessStep:
         source, labels = _SourceCounter(), _TruthCounter(truth)
         with _local_copies(rec, self.in_fs) as local:
             frames = source.count(self.adapter.frame_blocks(rec, local, cfg["block_frames"]))
-            blocks = ((b.timestamps, b.crops, b.face_found, b.boxes, labels.on(b.timestamps))
-                      for b in face_crops(frames, self.detector, detect_every=cfg["detect_every"]))
+            sizes = cfg["crop_sizes"]
+            blocks = ((b.timestamps, b.crops, b.face_found, b.boxes, labels.on(b.timestamps),
+                       {s: b.sized[s] for s in sizes if s != CROP_SIZE})
+                      for b in face_crops(frames, self.detector, detect_every=cfg["detect_every"], sizes=sizes))
             # checks that need the whole recording run before the shard appears: failing, they leave none
             counts = write_recording(f"{self.out_root.rstrip('/')}/{shard}", self.out_fs, meta, blocks,
                                      cfg["segment_frames"], check=lambda c: self._check(rec, source, c, labels))
@@ -219,7 +237,7 @@ def run_preprocess(layout: str, input_uri: str, output_uri: str, config: dict, o
     with claimed_output(output_uri, wait_for_lock, log):
         previous = shard_job.manifest_rows(output_uri)
         todo, kept = plan(records, previous, fsspec.core.url_to_fs(input_uri)[0],
-                          config_hash({"layout": layout, **config}), output_uri)
+                          config_hash(hashed_config(layout, config)), output_uri)
         log(f"{len(records)} recordings in {input_uri} ({layout}): {len(kept)} unchanged, {len(todo)} to process "
             f"on {opts.engine}")
         # one worker per core (a cluster, or a local run with --workers filling the cores): single-threaded

@@ -6,8 +6,9 @@ import os
 import signal
 
 
-def descendants() -> set[int]:
-    """The ids of this process's descendants, read from /proc (empty where there is none)."""
+def descendants(pid: int | None = None) -> set[int]:
+    """The ids of the descendants of process pid (default: this one), read from /proc (empty where there is
+    none)."""
     parent = {}
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
@@ -16,7 +17,7 @@ def descendants() -> set[int]:
         except OSError:  # a process that ended meanwhile
             continue
         parent[int(stat.split("/")[2])] = int(fields[1])
-    found, frontier = set(), {os.getpid()}
+    found, frontier = set(), {os.getpid() if pid is None else pid}
     while frontier:
         frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
         found |= frontier

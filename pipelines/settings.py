@@ -1,7 +1,7 @@
 """A job's YAML settings: its defaults file, a user's override file, each value checked before any work.
 
     rules = {"seed": whole(0), "lr": number(above=0), "loss": choice("mse", "neg_pearson"),
-             "hr_range": ascending(number(above=0)), ...}
+             "hr_range": ascending(number(above=0)), "crop_sizes": some_of(36, 128, required=(36,)), ...}
     settings = load_settings(DEFAULTS, path, rules)     # JobError naming the file, the key and why
 
 An unknown key, a value of the wrong type or out of range ends the run in one line naming the key: never
@@ -45,6 +45,15 @@ def choice(*options: str) -> Rule:
     return Rule(lambda v: v in options, f"one of {', '.join(options)}")
 
 
+def some_of(*options, required=()) -> Rule:
+    """A list of distinct values from `options` that holds every one of `required`."""
+    need = f", including {', '.join(map(str, required))}" if required else ""
+    return Rule(lambda v: isinstance(v, list) and len(set(map(repr, v))) == len(v)
+                and all(any(x == o and type(x) is type(o) for o in options) for x in v)
+                and all(r in v for r in required),
+                f"a list of distinct values from {', '.join(map(str, options))}{need}")
+
+
 def boolean() -> Rule:
     return Rule(lambda v: isinstance(v, bool), "true or false")
 
@@ -52,6 +61,13 @@ def boolean() -> Rule:
 def optional(rule: Rule) -> Rule:
     """The rule, or null (YAML `null` or `~`): off."""
     return Rule(lambda v: v is None or rule.accept(v), f"{rule.expected}, or null")
+
+
+def mapping(rule: Rule) -> Rule:
+    """A mapping of names to values passing `rule` (YAML `{filters: 8, d_state: 16}`); which names a job
+    knows, it checks itself."""
+    return Rule(lambda v: isinstance(v, dict) and all(isinstance(k, str) and rule.accept(x) for k, x in v.items()),
+                f"a mapping of names to {rule.expected}")
 
 
 def ascending(rule: Rule, n: int = 2) -> Rule:

@@ -18,18 +18,21 @@ nothing (`failed_alike`).
 """
 from __future__ import annotations
 
+import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 
+from pipelines import journal
 from pipelines.console import progress
-from pipelines.engines import EngineOptions, run_step
+from pipelines.engines import EngineOptions, run_step, step_ref
 from pipelines.errors import JobError
 from transforms.errors import ItemFailed
 from transforms.manifest import (MANIFEST_SCHEMA, ManifestError, by_recording, manifest_uri, read_manifest,
                                  remove_stale_shards, shard_problem, up_to_date, write_manifest)
 from transforms.resample import FPS
+from transforms.shards import shard_path
 
 VERIFY_THREADS = 8  # checking kept shards reads only their footers and small columns: I/O bound
 INTERNAL = "internal error"  # how fill_row names a failure that is no fault of the item: a bug, the environment
@@ -53,6 +56,13 @@ def fill_row(row: dict, work, where: str) -> dict:
     progress(f"{row['dataset']}/{row['recording_id']}: {row['status']}"
              + (f" ({row['reason']})" if row["reason"] else f", {row['n_frames']} frames"))
     return row
+
+
+def failing(reason: str):
+    """A `work` for fill_row that fails with reason, which names the file."""
+    def work() -> dict:
+        raise ItemFailed(reason)
+    return work
 
 
 def shard_fields(counts, fs, root: str, shard: str) -> dict:
@@ -111,18 +121,38 @@ def run(step_cls, step_kwargs: dict, todo: list[dict], kept: list[dict], previou
     of the job's (`failed_alike`).
     """
     fs, root = fsspec.core.url_to_fs(output_uri)
-    results = run_step(step_cls, step_kwargs, todo, opts, output_uri)
+    results = _run_resumable(step_cls, step_kwargs, todo, opts, output_uri)
     done = [{**r, "source_fingerprint": item.get("source_fingerprint")} for item, r in zip(todo, results)]
     before = by_recording(previous)
     reason = failed_alike(done, before)
     if reason:
+        journal.clear(output_uri)  # nothing to resume from: the next run tries them all again
         raise JobError(f"all {len(done)} recordings to make failed the same way, so this run changed nothing "
                        f"(no shard removed, the manifest as it was): {reason}")
     rows = [{**manifest_row(r), "latest_failure": None} for r in kept]  # up to date: no failure is the latest
     rows += [settled(r, before.get((r["dataset"], r["recording_id"])), fs, root) for r in done]
     remove_stale_shards(previous, rows, fs, root)
     write_manifest(rows, manifest_uri(root), fs)
+    journal.clear(output_uri)  # the manifest now holds every result
+    journal.remove_temp_files(output_uri, {posixpath.dirname(shard_path(r["dataset"], r["recording_id"]))
+                                           for r in rows})
     return rows, done
+
+
+def _run_resumable(step_cls, step_kwargs: dict, todo: list[dict], opts: EngineOptions, output_uri: str
+                   ) -> list[dict]:
+    """The step's results for the work items, each recorded in the run's journal as it finishes. Items
+    that an interrupted run with the same step and settings finished are taken from its journal when
+    their shard is still the one recorded (`shard_problem`); only the others run."""
+    journal_uri = journal.run_uri(output_uri, step_ref(step_cls), step_kwargs)
+    recorded = journal.finished(journal_uri, todo)
+    problems = _shard_problems({i: r for i, r in recorded.items() if r["status"] == "ok"}, output_uri)
+    finished = {i: r for i, r in recorded.items() if not problems.get(i)}
+    if finished:
+        progress(f"{len(finished)} of {len(todo)} taken from the journal of an interrupted run")
+    fresh = iter(run_step(step_cls, step_kwargs, [item for i, item in enumerate(todo) if i not in finished], opts,
+                          output_uri, journal_uri))
+    return [finished[i] if i in finished else next(fresh) for i in range(len(todo))]
 
 
 def failed_alike(done: list[dict], before: dict[tuple[str, str], dict]) -> str | None:

@@ -18,6 +18,8 @@ RUN_DIR (a local folder) holds:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -30,7 +32,7 @@ import numpy as np
 from pipelines.arguments import whole_number
 from pipelines.errors import JobError
 from pipelines.lock import LOCK_NAME, claimed_output
-from pipelines.settings import choice, load_settings, number, optional, whole
+from pipelines.settings import choice, load_settings, mapping, number, optional, whole
 from transforms import sequences
 from transforms.manifest import canonical_json, config_hash, package_version
 
@@ -42,7 +44,7 @@ RULES = {
     "loss": choice("mse", "neg_pearson"), "lr": number(minimum=0), "b1": number(minimum=0, below=1),
     "b2": number(minimum=0, below=1), "eps": number(above=0), "schedule": choice("constant", "cosine"),
     "warmup_steps": whole(0), "clip_norm": optional(number(above=0)), "dropout": number(minimum=0, below=1),
-    "precision": choice("float32", "bfloat16"), "checkpoint_every": whole(1), "validate_every": whole(1),
+    "architecture": optional(mapping(whole(1))), "precision": choice("float32", "bfloat16"), "checkpoint_every": whole(1), "validate_every": whole(1),
     "early_stop_patience": optional(whole(1)),
 }
 RUN_FILES = {"config": "config.json", "split": "split.json", "log": "log.jsonl", "checkpoint": "checkpoint.npz",
@@ -65,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after this many steps in all (default: the config's epochs); with --resume, the total")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=whole_number(1), metavar="N",
+                   help="train in N processes on Ray Train (JaxTrainer), each its part of every batch, on this "
+                        "machine's Ray or the cluster at --ray-address; RUN_DIR and the inputs must be reachable "
+                        "from every worker (a shared file system, or fsspec URIs for the inputs)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="the Ray cluster for --workers (default: Ray started on this machine)")
 
 
 @dataclass(frozen=True)
@@ -76,21 +84,56 @@ class TrainRequest:
     steps: int | None = None  # total steps to stop at; None: the config's epochs
     resume: bool = False
     progress: bool = True
+    exclude_subjects: tuple[tuple[str, str], ...] = ()  # (dataset, subject_id) never trained on: held out
 
 
 # ---- check the request: settings, inputs, run folder ------------------------------------------------
 
-def check_init(init: str) -> None:
-    if init in INITS:
+def network(cfg: dict):
+    """The MEConfig the settings' `architecture` asks for (None: the published network); JobError naming
+    a field that is not one of the network's."""
+    from model.config import ARCHITECTURE_FIELDS, ME
+
+    changes = cfg["architecture"] or {}
+    unknown = sorted(set(changes) - set(ARCHITECTURE_FIELDS))
+    if unknown:
+        raise JobError(f"architecture: unknown fields {', '.join(unknown)}; known: {', '.join(ARCHITECTURE_FIELDS)}")
+    return dataclasses.replace(ME, **changes)
+
+
+def check_init(init: str, net) -> None:
+    """JobError unless --init names weights of the network `net` (an MEConfig) or scratch."""
+    from model.config import ME, architecture
+    from model.weights import weights_config
+
+    if init == "scratch":
         return
-    if not (Path(init) / "best.weights.h5").is_file():
+    if init in INITS:
+        held = ME
+    elif (Path(init) / "best.weights.h5").is_file():
+        held = weights_config(init)
+    else:
         raise JobError(f"--init {init}: expected {', '.join(INITS)} or a training run folder holding "
                        "best.weights.h5")
+    if architecture(held) != architecture(net):
+        changed = sorted(k for k, v in architecture(net).items() if architecture(held)[k] != v)
+        raise JobError(f"--init {init}: its weights are of another network than the settings' architecture "
+                       f"(differs in {', '.join(changed)}); start such a network with --init scratch")
 
 
-def check_batching(cfg: dict, where: str) -> None:
-    if cfg["micro_batch"] and cfg["batch_size"] % cfg["micro_batch"]:
-        raise JobError(f"{where}: micro_batch {cfg['micro_batch']} does not divide batch_size {cfg['batch_size']}")
+def check_batching(cfg: dict, where: str, processes: int = 1, local_devices: int | None = None) -> None:
+    """JobError unless the batch splits: into micro-batches, over `processes` (each takes an equal part, its
+    micro-batches whole) and, given local_devices, over each process's devices."""
+    batch, micro = cfg["batch_size"], cfg["micro_batch"]
+    if micro and batch % micro:
+        raise JobError(f"{where}: micro_batch {micro} does not divide batch_size {batch}")
+    if batch % processes or (micro and (batch // processes) % micro):
+        raise JobError(f"{where}: batch_size {batch} does not split into {processes} processes' equal parts of "
+                       f"whole micro-batches ({micro or 'the whole part'}); use a multiple of {processes * (micro or 1)}")
+    per_pass = micro or batch // processes
+    if local_devices and per_pass % local_devices:
+        raise JobError(f"{where}: micro_batch {micro} (0: the batch's part per process, {batch // processes}) does "
+                       f"not split over this machine's {local_devices} devices; use a multiple of {local_devices}")
 
 
 def check_run_folder(request: TrainRequest) -> Path:
@@ -113,8 +156,11 @@ def check_run_folder(request: TrainRequest) -> Path:
 def run_config(request: TrainRequest, data: "sequences.TrainingData") -> dict:
     """What the run is, in full: the settings, the data side's fixed choices, the inputs, --init and the data
     fingerprint. Its hash (without `steps`, a stopping point) is what --resume checks."""
-    return {"settings": request.config, "data": sequences.DATA_SETTINGS, "inputs": list(request.inputs),
-            "init": request.init, "data_fingerprint": data.fingerprint}
+    config = {"settings": request.config, "data": sequences.DATA_SETTINGS, "inputs": list(request.inputs),
+              "init": request.init, "data_fingerprint": data.fingerprint}
+    if request.exclude_subjects:  # only when given: run folders made before it keep their config
+        config["exclude_subjects"] = sorted([list(k) for k in request.exclude_subjects])
+    return config
 
 
 def check_resume(run: Path, config: dict) -> None:
@@ -123,7 +169,7 @@ def check_resume(run: Path, config: dict) -> None:
     if before == now:
         return
     names = {"settings": "settings", "init": "--init", "inputs": "inputs", "data": "data settings",
-             "data_fingerprint": "data (the inputs' manifests)"}
+             "data_fingerprint": "data (the inputs' manifests)", "exclude_subjects": "excluded subjects"}
     changed = []
     for key, name in names.items():
         if before.get(key) != now.get(key):
@@ -139,7 +185,8 @@ def training_data(request: TrainRequest):
     cfg = request.config
     try:
         data = sequences.build_training_data(request.inputs, seq_len=cfg["seq_len"], val_fraction=cfg["val_fraction"],
-                                             seed=cfg["seed"], min_valid_fraction=cfg["min_valid_fraction"])
+                                             seed=cfg["seed"], min_valid_fraction=cfg["min_valid_fraction"],
+                                             exclude_subjects=request.exclude_subjects)
     except (ValueError, FileNotFoundError) as e:
         raise JobError(str(e)) from None
     if len(data.index) < cfg["batch_size"]:
@@ -154,11 +201,11 @@ def _counts_line(counts) -> str:
 
 # ---- init: the starting weights and the train state -------------------------------------------------
 
-def starting_weights(init: str, seed: int):
-    """(params, the inference state that goes with them, lineage) for --init. Published and run-folder weights
-    keep their inference state (so a learning rate of 0 reproduces their evaluation exactly); weights from
-    Keras's initialisers start inference from zeros, as training does."""
-    from model.config import ME
+def starting_weights(init: str, seed: int, net):
+    """(params, the inference state that goes with them, lineage) for --init, of the network `net` (checked
+    by check_init). Published and run-folder weights keep their inference state (so a learning rate of 0
+    reproduces their evaluation exactly); weights from Keras's initialisers start inference from zeros, as
+    training does."""
     from model.initializers import init_params
     from model.state import MEState
     from model.weights import load_initial_state, load_params
@@ -166,13 +213,13 @@ def starting_weights(init: str, seed: int):
     if init == "scratch":
         import jax
 
-        return init_params(jax.random.key(seed), ME), MEState.zeros(1, ME), {"init": "scratch", "seed": seed}
+        return init_params(jax.random.key(seed), net), MEState.zeros(1, net), {"init": "scratch", "seed": seed}
     weights = init.removeprefix("published:")
     lineage = {"init": init}
     if init not in INITS:  # a run folder: its own lineage comes along
         card = Path(init) / RUN_FILES["card"]
         lineage["parent"] = json.loads(card.read_text()).get("lineage") if card.is_file() else None
-    return load_params(weights, ME), load_initial_state(ME, weights), lineage
+    return load_params(weights, net), load_initial_state(net, weights), lineage
 
 
 def hyper_parameters(cfg: dict, total_steps: int):
@@ -218,34 +265,40 @@ class _Log:
     """log.jsonl, appended line by line; on resume, cut back to the checkpoint's step (what came after it
     is done again, exactly)."""
 
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
+        self.path, self._file = path, None
+        if not enabled:  # a process of a multi-process run other than the first: it writes nothing
+            return
         if resume_step is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self._file = open(path, "a")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._file.flush()
+        if self._file:
+            self._file.write(json.dumps(record, sort_keys=True) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file:
+            self._file.close()
 
 
-def run_train(request: TrainRequest, log=print) -> dict:
-    """The whole job; returns {"steps", "best": {"mae", "step"}, "run": RUN_DIR}."""
+def run_train(request: TrainRequest, log=print, claim: bool = True) -> dict:
+    """The whole job, in this process, or as one process of a `jax.distributed` run (each its part of every
+    batch; process 0 writes the run folder); returns {"steps", "best": {"mae", "step"}, "run": RUN_DIR}.
+    claim: take the run folder's lock (a multi-process run's driver takes it instead)."""
+    import jax
+
     from model.train import data_mesh
     from pipelines.predictors import use_compile_cache
 
-    check_init(request.init)
     cfg = request.config
+    check_init(request.init, network(cfg))
     mesh = data_mesh()
-    check_batching(cfg, "the settings")
-    if (cfg["micro_batch"] or cfg["batch_size"]) % mesh.devices.size:
-        raise JobError(f"micro_batch {cfg['micro_batch']} (0: batch_size {cfg['batch_size']}) does not split over "
-                       f"this machine's {mesh.devices.size} devices; use a multiple of {mesh.devices.size}")
-    run = check_run_folder(request)
+    check_batching(cfg, "the settings", jax.process_count(), mesh.devices.size)
+    # process 0 makes and writes the run folder; the others of a multi-process run only read it
+    run = check_run_folder(request) if jax.process_index() == 0 else Path(request.output)
     data = training_data(request)
     config = run_config(request, data)
     if request.resume:
@@ -255,8 +308,10 @@ def run_train(request: TrainRequest, log=print) -> dict:
     total = request.steps or cfg["epochs"] * per_epoch
     log(f"{len(data.index)} training sequences of {cfg['seq_len']} frames ({data.counts.n_train_recordings} "
         f"recordings), {data.counts.n_val_recordings} validation recordings; {per_epoch} steps per epoch of "
-        f"{cfg['batch_size']}, training to step {total} on {mesh.devices.size} device(s)")
-    with claimed_output(str(run), log=log):  # one run per folder: two resumes must never interleave
+        f"{cfg['batch_size']}, training to step {total} on {mesh.devices.size * jax.process_count()} device(s)"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+    # one run per folder (two resumes must never interleave); a multi-process run's driver holds it for all
+    with claimed_output(str(run), log=log) if claim else contextlib.nullcontext():
         return _Trainer(request, run, data, config, mesh, per_epoch, log).train(total)
 
 
@@ -268,14 +323,15 @@ class _Trainer:
         import jax
         from jax.sharding import NamedSharding, PartitionSpec
 
-        from model.config import ME
         from model.train import init_train_state, model_config
 
         self.request, self.run, self.data, self.mesh, self.per_epoch, self.log = request, run, data, mesh, per_epoch, log
+        self.part = (jax.process_index(), jax.process_count())  # this process's part of every batch
+        self.writes = self.part[0] == 0  # only process 0 writes the run folder
         cfg = request.config
         self.hp = hyper_parameters(cfg, cfg["epochs"] * per_epoch)
-        self.model_cfg = model_config(self.hp, ME)
-        params, self.inference_state, self.lineage = starting_weights(request.init, cfg["seed"])
+        self.model_cfg = model_config(self.hp, network(cfg))
+        params, self.inference_state, self.lineage = starting_weights(request.init, cfg["seed"], self.model_cfg)
         state = init_train_state(params, self.hp, cfg["seed"], mesh)
         self.meta = {"position": [0, 0], "best": {"mae": None, "step": None}, "stale_validations": 0}
         if request.resume:
@@ -283,13 +339,13 @@ class _Trainer:
 
             state, self.meta = load_checkpoint(str(run / RUN_FILES["checkpoint"]), fsspec.filesystem("file"), state)
             state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-        else:
+        elif self.writes:
             (run / RUN_FILES["config"]).write_text(canonical_json(config) + "\n")
             (run / RUN_FILES["split"]).write_text(json.dumps(data.split, indent=1) + "\n")
         self.state = state
         self.step = int(state["step"])
         self.config_hash = config_hash(config)
-        self.journal = _Log(run / RUN_FILES["log"], self.step if request.resume else None)
+        self.journal = _Log(run / RUN_FILES["log"], self.step if request.resume else None, self.writes)
 
     # --- the loop
 
@@ -298,8 +354,8 @@ class _Trainer:
 
         cfg = self.request.config
         start = sequences.DataPosition(*self.meta["position"])
-        batches = sequences.iter_batches(self.data.index, cfg["batch_size"], cfg["seed"], start=start)
-        bar = _progress_bar(total, self.step, self.request.progress)
+        batches = sequences.iter_batches(self.data.index, cfg["batch_size"], cfg["seed"], start=start, part=self.part)
+        bar = _progress_bar(total, self.step, self.request.progress and self.writes)
         stop = None
         try:
             while self.step < total and stop is None:
@@ -311,7 +367,7 @@ class _Trainer:
                 seconds = time.perf_counter() - started
                 self.step += 1
                 self.meta["position"] = list(batch.next)
-                frames = batch.arrays["frames"].shape[0] * batch.arrays["frames"].shape[1]
+                frames = cfg["batch_size"] * cfg["seq_len"]  # of the whole batch, every process's part
                 self.journal.write({"kind": "step", "step": self.step, "epoch": batch.position.epoch,
                                     **metrics, "frames_per_s": round(frames / seconds, 1)})
                 bar.update(1)
@@ -358,14 +414,18 @@ class _Trainer:
     def _save_best(self, result: dict) -> None:
         import jax
 
+        if not self.writes:
+            return
         from model.weights import save_run_weights
 
-        save_run_weights(self.run, jax.device_get(self.state["params"]), self.inference_state)
+        save_run_weights(self.run, jax.device_get(self.state["params"]), self.inference_state, self.model_cfg)
         (self.run / RUN_FILES["best"]).write_text(json.dumps({"step": self.step, **result}, sort_keys=True) + "\n")
 
     def _checkpoint(self) -> None:
         from model.checkpoint import save_checkpoint
 
+        if not self.writes:
+            return
         meta = {**self.meta, "step": self.step, "config_hash": self.config_hash,
                 "data_fingerprint": self.data.fingerprint}
         save_checkpoint(str(self.run / RUN_FILES["checkpoint"]), fsspec.filesystem("file"), self.state, meta)
@@ -373,6 +433,8 @@ class _Trainer:
     # --- the end
 
     def _finish(self, stop: str | None) -> None:
+        if not self.writes:
+            return
         write_curves(self.run / RUN_FILES["log"], self.run / RUN_FILES["curves"])
         card = model_card(self)
         (self.run / RUN_FILES["card"]).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
@@ -420,10 +482,43 @@ def write_curves(log_path: Path, png_path: Path) -> None:
     fig.savefig(png_path, dpi=100)
 
 
+def run_train_on_ray(request: TrainRequest, workers: int, ray_address: str | None = None, log=print) -> dict:
+    """run_train in `workers` Ray Train workers, one process of a `jax.distributed` run each. The request is
+    checked here first, as run_train checks it, so a bad one ends before any worker starts; the driver holds
+    the run folder's lock for them all."""
+    from pipelines.engines.ray_train import run_workers
+
+    cfg = request.config
+    check_init(request.init, network(cfg))
+    check_batching(cfg, "the settings", workers)
+    run = check_run_folder(request)
+    data = training_data(request)
+    if request.resume:
+        check_resume(run, run_config(request, data))
+    request = dataclasses.replace(request, output=str(run.resolve()), progress=False)  # workers: no bar
+    log(f"training in {workers} Ray Train workers" + (f" on the cluster at {ray_address}" if ray_address else ""))
+    with claimed_output(str(run), log=log):
+        return run_workers(_train_in_worker, {"request": request}, workers, ray_address)
+
+
+def _train_in_worker(config: dict) -> dict:
+    """One Ray Train worker's part: run_train as one process of the run; process 0 speaks."""
+    import jax
+
+    speaks = jax.process_index() == 0
+    return run_train(config["request"], log=print if speaks else (lambda *_: None), claim=False)
+
+
 def main(args: argparse.Namespace) -> int:
     config = load_settings(DEFAULT_CONFIG, args.config, RULES)
-    check_batching(config, args.config or str(DEFAULT_CONFIG))
-    request = TrainRequest(tuple(args.inputs), args.output, config, args.init, args.steps, args.resume,
-                           not args.no_progress)
-    run_train(request)
+    check_batching(config, args.config or str(DEFAULT_CONFIG), args.workers or 1)
+    if args.ray_address and not args.workers:
+        raise JobError("--ray-address is for --workers N: name how many training processes to start")
+    # local paths made absolute: what config.json records, and what workers in other folders open
+    inputs = tuple(u if "://" in u else str(Path(u).resolve()) for u in args.inputs)
+    request = TrainRequest(inputs, args.output, config, args.init, args.steps, args.resume, not args.no_progress)
+    if args.workers:
+        run_train_on_ray(request, args.workers, args.ray_address)
+    else:
+        run_train(request)
     return 0

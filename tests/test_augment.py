@@ -48,7 +48,7 @@ def time_scale(timestamps, frames, face_found, boxes, bvp, factor: float):
 
 def test_factor_1_5_turns_60_bpm_into_90_with_floor_frame_count():
     t, frames, found, boxes, bvp = sine_recording(10, 60)  # 1 Hz
-    out_t, out_frames, out_found, out_boxes, out_bvp = time_scale(t, frames, found, boxes, bvp, 1.5)
+    out_t, out_frames, out_found, out_boxes, out_bvp, _ = time_scale(t, frames, found, boxes, bvp, 1.5)
     assert len(out_t) == (len(t) - 1) // 1.5 + 1 == 200
     np.testing.assert_allclose(out_t, np.arange(200) / FPS)
     assert out_frames.dtype == np.uint8 and out_frames.shape == (200, 4, 4, 3)
@@ -76,7 +76,7 @@ def test_factor_1_is_the_identity_bit_exact():
 
 def test_a_blend_of_face_and_no_face_is_no_face():
     t, frames, found, boxes, bvp = sine_recording(2, 60, no_face=[10])
-    _, out_frames, out_found, out_boxes, _ = time_scale(t, frames, found, boxes, bvp, 1.5)
+    _, out_frames, out_found, out_boxes, _, _ = time_scale(t, frames, found, boxes, bvp, 1.5)
     # output k shows source frame 1.5 k: k = 7 blends source 10 (no face) and 11 half and half
     assert list(np.flatnonzero(~out_found)) == [7]
     assert not out_frames[7].any() and np.isnan(out_boxes[7]).all()
@@ -92,7 +92,7 @@ def test_streaming_over_uneven_blocks_equals_one_pass(factor):
     for size in (1, 7, 50, 3, 64, 2, 1000):
         parts.append(scaler.push(*(a[start:start + size] for a in source)))
         start += size
-    for i, want in enumerate(whole):
+    for i, want in enumerate(whole[:5]):
         np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), want)
 
 

@@ -217,3 +217,11 @@ def test_cpu_workers_set_jax_to_its_cpu_platform(tmp_path):
         done = subprocess.run([sys.executable, "-c", code.format(gpus)], capture_output=True, text=True, timeout=120,
                               env=env)
         assert done.stdout.strip() == platforms, done.stderr
+
+
+def test_models_are_taken_after_one_flag_or_one_flag_each():
+    from pipelines.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(["evaluate", "--input", "in", "--output", "out", "--model",
+                                                   "me-chunk:pure", "green", "--model", "pos"])
+    assert args.models == ["me-chunk:pure", "green", "pos"] and extra == []  # none left for Beam's options

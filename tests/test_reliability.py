@@ -2,8 +2,8 @@
 work, verified skips, failures that keep the last good shard, one writer per output root, a bounded
 connect to an unreachable Ray cluster.
 
-Jobs run on Beam's FnApiRunner in this process (`in_memory`: a step can be patched to fail) over a tiny
-synthetic cohort; each test works on a copy of one baseline output and checks N rows for N inputs, the
+Jobs run on Beam's FnApiRunner in this process without crash isolation (`in_memory`, `isolate=False`: a
+step can be patched to fail) over a tiny synthetic cohort; each test works on a copy of one baseline output and checks N rows for N inputs, the
 reasons, byte-identical shards where nothing should change, and no temp, probe or lock file left.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from transforms.errors import ItemFailed
 from transforms.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
-IN_PROCESS = EngineOptions("beam", workers=1, pipeline_args=("--direct_running_mode=in_memory",))
+IN_PROCESS = EngineOptions("beam", workers=1, pipeline_args=("--direct_running_mode=in_memory",), isolate=False)
 N = 3  # recordings in the cohort
 
 

@@ -233,6 +233,14 @@ def test_resuming_from_a_position_gives_the_batches_of_an_uninterrupted_run(tmp_
             assert (a.position, a.provenance) == (b.position, b.provenance)
             for key in ("frames", "bvp", "mask"):
                 np.testing.assert_array_equal(a.arrays[key], b.arrays[key])
+    for n in (1, 3):  # the parts of a multi-process run are the whole batch's rows, in order
+        parts = [list(iter_batches(index, 3, seed=11, epochs=3, part=(p, n))) for p in range(n)]
+        for k, whole in enumerate(run):
+            assert sum((part[k].provenance for part in parts), ()) == whole.provenance
+            np.testing.assert_array_equal(np.concatenate([part[k].arrays["frames"] for part in parts]),
+                                          whole.arrays["frames"])
+    with pytest.raises(ValueError, match="does not split into 2 equal parts"):
+        next(iter_batches(index, 3, seed=11, part=(0, 2)))
     with pytest.raises(ValueError, match="data position"):
         next(iter_batches(index, 3, seed=11, start=DataPosition(0, 2)))
     with pytest.raises(ValueError, match="fewer than one batch"):

@@ -76,8 +76,8 @@ def target(request, tmp_path):
 def test_schema_documents_every_column_and_stores_arrays_as_binary():
     assert all(f.metadata and f.metadata[b"doc"] for f in SCHEMA)
     binary = {f.name for f in SCHEMA if f.type == pa.binary()}
-    assert binary == {"timestamps", "frames", "face_found", "face_box", "bvp"}
-    assert [f.name for f in SCHEMA if f.nullable] == ["bvp", "augment_scale"]
+    assert binary == {"timestamps", "frames", "frames_128", "face_found", "face_box", "bvp"}
+    assert [f.name for f in SCHEMA if f.nullable] == ["frames_128", "bvp", "augment_scale"]
     assert list(Segment._fields) == SCHEMA.names
 
 
@@ -199,7 +199,7 @@ def test_row_groups_hold_about_the_bytes_asked_for(tmp_path):
         writer.write_rows(rows)
     meta = pq.ParquetFile(uri).metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4] * 5
-    assert meta.metadata[b"pulsepipe.schema"] == b"segments/1"  # the Arrow schema (with docs) travels in the file
+    assert meta.metadata[b"pulsepipe.schema"] == b"segments/2"  # the Arrow schema (with docs) travels in the file
 
 
 def test_same_rows_give_identical_bytes(target):

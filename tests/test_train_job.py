@@ -145,6 +145,40 @@ def test_lr_zero_keeps_the_published_model_and_its_weights_load_everywhere(data_
     assert {r["kind"] for r in read_log(run)} == {"step", "validation"}
 
 
+def test_a_reduced_architecture_trains_from_scratch_and_its_run_loads_as_that_network(data_root, tmp_path):
+    import model
+    from model.config import architecture
+    from pipelines.predictors import check_models
+
+    reduced = {"filters": 8, "d_state": 16, "head_width": 8, "n_blocks": 2}
+    run = tmp_path / "run"
+    run_train(request(data_root, run, steps=1, init="scratch", config=settings(architecture=reduced)),
+              log=lambda *_: None)
+    me = model.load(weights=run)
+    assert {k: architecture(me.cfg)[k] for k in reduced} == reduced
+    bvp, _ = model.apply_chunk(me.params, np.zeros((160, 36, 36, 3), np.uint8), me.init_state(), cfg=me.cfg)
+    assert bvp.shape == (160,) and np.isfinite(bvp).all()
+    check_models([f"me-chunk:{run}"])
+    card = json.loads((run / "model_card.json").read_text())
+    assert card["settings"]["architecture"] == reduced
+
+
+@pytest.mark.parametrize("architecture, init, why", [
+    ({"filters": 8}, "published:rlap", "another network than the settings' architecture (differs in filters)"),
+    ({"filter": 8}, "scratch", "architecture: unknown fields filter;"),
+    ({"filters": 0}, "scratch", "architecture: expected a mapping of names to a whole number, 1 or more"),
+])
+def test_an_architecture_the_init_cannot_fill_is_refused_before_any_work(data_root, tmp_path, capsys,
+                                                                         architecture, init, why):
+    config = tmp_path / "arch.yaml"
+    config.write_text(yaml.safe_dump({"architecture": architecture}))
+    assert cli(["train", "--input", str(data_root), "--output", str(tmp_path / "run"), "--config", str(config),
+                "--init", init]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path):
     import jax.numpy as jnp
 

@@ -20,10 +20,10 @@ import pytest
 
 import model
 from model import train
-from model.config import ME, MEConfig
+from model.config import ME, MEConfig, architecture
 from model.initializers import init_params
 from model.state import MEState
-from model.weights import check_weights, load_params, save_params, weights_path
+from model.weights import check_weights, load_params, save_params, weights_config, weights_path
 
 SMALL = MEConfig(chunk=16, image=12, n_blocks=1, layers_per_block=1, head_layers=1)
 NO_DROPOUT = train.TrainHParams(dropout=0.0)
@@ -110,7 +110,9 @@ def test_save_params_round_trips_in_the_published_layout(tmp_path):
         assert check_weights(path) == model.param_count(p)
         assert datasets(path) == datasets(weights_path("rlap"))  # every Keras path and shape, nothing else
     small = init_params(jax.random.key(1), SMALL)  # a prefix of the network saves as the same prefix
-    back = load_params(save_params(small, tmp_path / "small.weights.h5", SMALL), SMALL)
+    back = load_params(save_params(small, tmp_path / "small.weights.h5", SMALL))  # the file names its network
+    assert weights_config(tmp_path / "small.weights.h5") == dataclasses.replace(ME, **architecture(SMALL))
+    assert weights_config("rlap") == ME
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(small)))
     assert sorted(os.listdir(tmp_path)) == ["fresh.weights.h5", "rlap.weights.h5", "small.weights.h5"]  # no temp
 
@@ -353,3 +355,55 @@ def test_two_devices_take_the_same_step_as_one():
     for a, b in zip(grads2 + params2, grads1 + params1):  # gradients: the two halves' summed across devices
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     assert "does not split over 2 devices" in out["uneven"]
+
+
+MULTI_PROCESS = """
+import hashlib, json, sys, jax, numpy as np
+from model import train
+from model.weights import load_params
+from tests.test_train_model import SMALL, _batch
+rank, world, address = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if world > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(address, world, rank)
+hp = train.TrainHParams(micro_batch=2)  # dropout on: each micro-batch draws the noise of its place in the batch
+batch = _batch(batch=4, seed=7)
+part = {k: v[rank * 4 // world:(rank + 1) * 4 // world] for k, v in batch.items()}
+state = train.init_train_state(load_params("rlap", SMALL), hp, seed=3)
+losses = []
+for _ in range(2):
+    state, metrics = train.train_step(state, part, hp, SMALL)
+    losses.append(float(metrics["loss"]))
+digest = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(state["params"]))).hexdigest()
+print("RESULT" + json.dumps({"losses": losses, "params_sha256": digest}), flush=True)
+if world > 1:
+    jax.distributed.shutdown()  # together: a process that leaves first takes the coordinator with it
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_each_with_half_the_batch_take_the_same_steps_as_one():
+    import socket
+
+    with socket.socket() as s:  # a free port on loopback for the coordinator
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def start(rank, world):
+        return subprocess.Popen([sys.executable, "-c", MULTI_PROCESS, str(rank), str(world), address], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    runs = [start(0, 1), start(0, 2), start(1, 2)]
+    try:
+        outs = [r.communicate(timeout=900) for r in runs]
+    finally:
+        for r in runs:
+            r.kill()
+    results = []
+    for r, (out, err) in zip(runs, outs):
+        assert r.returncode == 0, "\n".join(line for line in err.splitlines() if not line.lstrip().startswith("@"))[-3000:]
+        results.append(json.loads(out.split("RESULT", 1)[1]))
+    one, *two = results
+    for other in two:  # one micro-batch per process: the same sums in the same order, so the same bits
+        assert other == one

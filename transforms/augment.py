@@ -6,8 +6,8 @@ t0 + k / 30 * factor: its pulse, and so its heart rate, is multiplied by `factor
 
     scaler = TimeScaler(1.5)                            # streaming, one source frame carried between blocks
     for seg in read_segments(uri, fs):
-        t, frames, found, boxes, bvp = scaler.push(seg.timestamps, seg.frames, seg.face_found,
-                                                   seg.face_box, seg.bvp)
+        t, frames, found, boxes, bvp, extra = scaler.push(seg.timestamps, seg.frames, seg.face_found,
+                                                          seg.face_box, seg.bvp, seg.extra_crops)
     picks = choose_factors({"rec1": 72.0, ...}, n_extra=10, hr_range=(30, 180), seed=0)
 
 Interpolation is `transforms.resample.Resampler`'s, fed the source timestamps divided by `factor`.
@@ -36,13 +36,15 @@ def augmented_id(source_id: str, factor: float) -> str:
 class TimeScaler:
     """Streaming time-scaling of one recording's 30 fps blocks; the output is the same however it is split.
 
-    push(timestamps (n,), frames (n, H, W, 3) uint8, face_found (n,), boxes (n, 4), bvp (n,) or None)
-    returns the output frames the block completes: (timestamps (m,) float64 on t0 + k / fps, frames
-    (m, H, W, 3) uint8, face_found (m,) bool, boxes (m, 4) float32, bvp (m,) float32 or None), where t0
-    is the first source timestamp. Frames and bvp are blended linearly between the two source frames
-    around each output time (uint8 rounded); boxes are the nearest source frame's. An output frame is a
-    face frame only when every source frame blended into it is: otherwise its crop is zeros and its box
-    NaN, as the shard schema has it for frames without a face.
+    push(timestamps (n,), frames (n, H, W, 3) uint8, face_found (n,), boxes (n, 4), bvp (n,) or None,
+    extra {size: (n, size, size, 3) uint8} crops at other sizes or None) returns the output frames the
+    block completes: (timestamps (m,) float64 on t0 + k / fps, frames (m, H, W, 3) uint8, face_found (m,)
+    bool, boxes (m, 4) float32, bvp (m,) float32 or None, extra {size: (m, size, size, 3) uint8}), where t0
+    is the first source timestamp: the tuple `transforms.shards.SegmentBuilder.push` takes. Frames (at
+    every size) and bvp are blended linearly between the two source frames around each output time (uint8
+    rounded); boxes are the nearest source frame's. An output frame is a face frame only when every source
+    frame blended into it is: otherwise its crops are zeros and its box NaN, as the shard schema has it for
+    frames without a face. The extra sizes must be the same for every block.
     A source of T frames on the 30 fps grid gives floor((T - 1) / factor) + 1 frames; factor 1 gives
     the source back bit-exact.
     """
@@ -55,10 +57,11 @@ class TimeScaler:
         self._found = Resampler(fps, snap_s=SNAP_S)  # linear on 0/1: exactly 1 only between two face frames
         self._boxes = Resampler(fps, method="nearest", snap_s=SNAP_S)
         self._bvp = Resampler(fps, snap_s=SNAP_S)
+        self._extra: dict[int, Resampler] | None = None  # per extra crop size, made at the first block
         self._t0: float | None = None
         self._n_out = 0
 
-    def push(self, timestamps, frames, face_found, boxes, bvp=None):
+    def push(self, timestamps, frames, face_found, boxes, bvp=None, extra=None):
         t_src = np.asarray(timestamps, np.float64)
         if self._t0 is None and len(t_src):
             self._t0 = float(t_src[0])
@@ -67,15 +70,24 @@ class TimeScaler:
         _, found_mix = self._found.push(t, np.asarray(face_found, np.float32))
         _, boxes_out = self._boxes.push(t, np.asarray(boxes, np.float32))
         bvp_out = None if bvp is None else self._bvp.push(t, np.asarray(bvp, np.float32))[1]
+        extra_out = {size: rs.push(t, extra[size])[1] for size, rs in self._extra_resamplers(extra or {}).items()}
         found_out = found_mix == 1.0
         if not found_out.all():  # the Resampler's non-empty outputs are fresh arrays (fancy indexing or a blend)
-            frames_out[~found_out] = 0
+            for crops in (frames_out, *extra_out.values()):
+                crops[~found_out] = 0
             boxes_out[~found_out] = np.nan
         m = len(frames_out)
         # same formula as the Resampler's grid (t0 + k / fps), so factor 1 returns the source timestamps as is
         t_out = (self._t0 if self._t0 is not None else 0.0) + np.arange(self._n_out, self._n_out + m) / self.fps
         self._n_out += m
-        return t_out, frames_out, found_out, boxes_out, bvp_out
+        return t_out, frames_out, found_out, boxes_out, bvp_out, extra_out
+
+    def _extra_resamplers(self, extra: dict) -> dict[int, Resampler]:
+        if self._extra is None:  # the first block fixes the sizes
+            self._extra = {size: Resampler(self.fps, snap_s=SNAP_S) for size in sorted(extra)}
+        if sorted(extra) != list(self._extra):
+            raise ValueError(f"extra crop sizes changed from {list(self._extra)} to {sorted(extra)}")
+        return self._extra
 
 
 def hr_bins(hr_range, bin_bpm: float = BIN_BPM) -> np.ndarray:

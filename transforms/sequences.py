@@ -91,6 +91,16 @@ def load_manifests(roots: Iterable[str], fs: fsspec.AbstractFileSystem | None = 
     return manifests
 
 
+def without_subjects(manifests: list[RootManifest], subjects: Iterable[tuple[str, str]]) -> list[RootManifest]:
+    """The manifests without the rows of these (dataset, subject_id) pairs: subjects kept out of training
+    (`pulsepipe refresh`'s frozen held-out split) are gone from the split, the index, the counts and the
+    data fingerprint, as if never preprocessed."""
+    drop = {(str(d), str(s)) for d, s in subjects}
+    if not drop:
+        return manifests
+    return [m._replace(rows=[r for r in m.rows if (r["dataset"], r["subject_id"]) not in drop]) for m in manifests]
+
+
 def data_fingerprint(manifests: list[RootManifest]) -> str:
     """sha256 hex of the roots in order and, per root, its rows' (dataset, recording_id, fingerprint, status)
     sorted: it changes when a recording is added, removed, redone from changed sources, or fails."""
@@ -296,17 +306,19 @@ def check_seq_len(seq_len: int) -> None:
 
 def build_training_data(roots: Iterable[str], *, seq_len: int, val_fraction: float, seed: int,
                         min_valid_fraction: float = 0.5, fs: fsspec.AbstractFileSystem | None = None,
-                        read_threads: int = READ_THREADS) -> TrainingData:
+                        read_threads: int = READ_THREADS,
+                        exclude_subjects: Iterable[tuple[str, str]] = ()) -> TrainingData:
     """Reads the roots' manifests and the light columns of their ok shards; splits, indexes, counts.
 
     roots: output roots of `pulsepipe preprocess` / `augment` (any fsspec URI). min_valid_fraction: a
     window needs at least ceil(min_valid_fraction * seq_len) usable frames (face found, finite truth).
+    exclude_subjects: (dataset, subject_id) pairs left out entirely (`without_subjects`).
     Raises ValueError for a bad seq_len or fraction, and when no ok recording has ground truth.
     """
     check_seq_len(seq_len)
     if not 0.0 < min_valid_fraction <= 1.0:
         raise ValueError(f"min_valid_fraction must be in (0, 1], got {min_valid_fraction}")
-    manifests = load_manifests(roots, fs)
+    manifests = without_subjects(load_manifests(roots, fs), exclude_subjects)
     fs_of = {m.uri: m.fs for m in manifests}
     recordings = ok_recordings(manifests)
     with ThreadPoolExecutor(max(1, read_threads)) as pool:
@@ -405,11 +417,17 @@ def batches_per_epoch(n_sequences: int, batch_size: int) -> int:
 
 
 def iter_batches(index: SequenceIndex, batch_size: int, seed: int, start: DataPosition = DataPosition(0, 0),
-                 epochs: int | None = None) -> Iterator[Batch]:
+                 epochs: int | None = None, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
     """Batches from `start` on, through epoch `epochs - 1` (forever when None), as an uninterrupted run sees them.
 
-    Raises ValueError when the index holds fewer sequences than one batch, or `start` lies past an epoch.
+    part (p, n): only the p-th of n equal, consecutive slices of every batch's rows, what process p of a
+    multi-process run reads (the batch is the same whatever n). Raises ValueError when the index holds fewer
+    sequences than one batch, `start` lies past an epoch, or n does not divide batch_size.
     """
+    p, n = part
+    if batch_size % n or not 0 <= p < n:
+        raise ValueError(f"part {part}: a batch of {batch_size} does not split into {n} equal parts")
+    rows = slice(p * batch_size // n, (p + 1) * batch_size // n)
     n_batches = batches_per_epoch(len(index), batch_size)
     if n_batches == 0:
         raise ValueError(f"{len(index)} training sequences: fewer than one batch of {batch_size}")
@@ -419,7 +437,7 @@ def iter_batches(index: SequenceIndex, batch_size: int, seed: int, start: DataPo
     while epochs is None or epoch < epochs:
         order = epoch_order(len(index), seed, epoch)
         for b in range(start.batch if epoch == start.epoch else 0, n_batches):
-            arrays, provenance = read_batch(index, order[b * batch_size:(b + 1) * batch_size])
+            arrays, provenance = read_batch(index, order[b * batch_size:(b + 1) * batch_size][rows])
             after = DataPosition(epoch, b + 1) if b + 1 < n_batches else DataPosition(epoch + 1, 0)
             yield Batch(DataPosition(epoch, b), after, arrays, provenance)
         epoch += 1

@@ -5,10 +5,19 @@ so a row stays a few MB (900 x 36 x 36 x 3 B = 3.5 MB) whatever the recording's 
 as plain binary columns with their shape in columns (`n_frames`, `height`, `width`), not as
 `fixed_shape_tensor` (about 25x slower to write), and are read back without copies by `np.frombuffer`.
 
+Crops at several sizes (one per model: ME-rPPG reads 36x36, PhysMamba 128x128), all cut from the same face
+box: `frames` holds the H x W crops (36x36 from preprocess), and each size of `EXTRA_CROP_SIZES` has its own
+nullable column `frames_<size>` (uint8 (T, size, size, 3)), null where the job was not asked for it. A
+shard's file metadata names its sizes (`pulsepipe.crop_sizes`, read by `shard_crop_sizes` from the footer
+alone); shards of schema segments/1, written before the extra columns, read back with them None. With 128x128
+crops a 900-frame row is 44 MB more, so every such row is a row group of its own: readers still hold one row
+group (one segment) per recording at a time, and those that want only some sizes read only their columns.
+
     # blocks: (timestamps, crops, found, boxes, bvp); written under a temp name, renamed when complete
     write_recording("gs://b/out/shards/x.parquet", fs, meta, blocks)
     for seg in read_segments(uri, fs):     # one row group in memory at a time
         seg.frames                          # (n, 36, 36, 3) uint8 view of Arrow memory
+        seg.crops(128)                      # (n, 128, 128, 3) from frames_128; None where the shard has none
 
 Engine-free: pyarrow, numpy and fsspec only.
 """
@@ -29,11 +38,19 @@ from transforms.resample import FPS
 
 SEGMENT_FRAMES = 900  # 30 s at 30 fps: about 3.5 MB of 36x36 crops per row
 ROW_GROUP_BYTES = 32 * 2**20  # Beam and Ray split work by row group: tens of MB each
+CROP_SIZE = 36  # `frames` as preprocess writes them: the tracker's crops, ME-rPPG's and the baselines' input
+EXTRA_CROP_SIZES = (128,)  # crop sizes beside `frames`'s, each in its column frames_<size> (PhysMamba's 128)
+CROP_SIZES_KEY = b"pulsepipe.crop_sizes"  # file metadata: the crop sizes a shard holds, e.g. "36,128"
 
 
 def doc_field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
     """A schema field with its meaning in the field's metadata (`doc`), read by whoever opens the file."""
     return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
+
+
+def crop_column(size: int) -> str:
+    """The column of crops of `size`: frames_<size> for EXTRA_CROP_SIZES, else `frames`."""
+    return f"frames_{size}" if size in EXTRA_CROP_SIZES else "frames"
 
 
 def shard_path(dataset: str, recording_id: str) -> str:
@@ -59,6 +76,9 @@ SCHEMA = pa.schema(
         doc_field("width", pa.int16(), "crop width W in pixels"),
         doc_field("timestamps", pa.binary(), "float64 little-endian (T,): seconds from the recording start, 30 fps grid"),
         doc_field("frames", pa.binary(), "uint8 (T, H, W, 3) RGB face crops, C order"),
+        *(doc_field(crop_column(size), pa.binary(),
+                    f"uint8 (T, {size}, {size}, 3) RGB face crops from the same face boxes as frames, C order; "
+                    f"null unless the job's crop_sizes list {size}", True) for size in EXTRA_CROP_SIZES),
         doc_field("face_found", pa.binary(), "uint8 (T,): 1 where a face was found, else 0 (crop is zeros)"),
         doc_field("face_box", pa.binary(),
                "float32 little-endian (T, 4): crop box (y0, y1, x0, x1) in source pixels, NaN without face"),
@@ -71,7 +91,7 @@ SCHEMA = pa.schema(
         doc_field("package_version", pa.string(), "pulsepipe version that wrote the row"),
         doc_field("augment_scale", pa.float32(), "time-scale factor of an augmented recording; null for originals", True),
     ],
-    metadata={"pulsepipe.schema": "segments/1"},
+    metadata={"pulsepipe.schema": "segments/2"},  # segments/1: without the frames_<size> columns
 )
 
 # Per-recording scalars a SegmentBuilder copies onto every row (augment_scale may be left out: None).
@@ -84,6 +104,7 @@ _ARRAYS = {
     "face_found": ("u1", lambda h, w: ()),
     "face_box": ("<f4", lambda h, w: (4,)),
     "bvp": ("<f4", lambda h, w: ()),
+    **{crop_column(s): ("u1", lambda h, w, s=s: (s, s, 3)) for s in EXTRA_CROP_SIZES},
 }
 _SHAPE_COLUMNS = ("n_frames", "height", "width")
 
@@ -92,12 +113,25 @@ class Segment(collections.namedtuple("Segment", SCHEMA.names, defaults=(None,) *
     """One row of a shard: a field per SCHEMA column, in its order. Arrays are read-only views of the row's
     bytes (Arrow buffer or bytes): no copies. timestamps (T,) float64 seconds; frames (T, H, W, 3) uint8;
     face_found (T,) bool (the stored 0/1 bytes viewed as bool); face_box (T, 4) float32 (y0, y1, x0, x1);
-    bvp (T,) float32.
+    bvp (T,) float32; frames_<size> (T, size, size, 3) uint8 (see `crops`).
 
-    Fields not read (read_segments(columns=...)) are None; bvp is None for recordings without truth.
+    Fields not read (read_segments(columns=...)) are None; bvp is None for recordings without truth, and
+    frames_<size> for shards made without that size.
     """
 
     __slots__ = ()
+
+    def crops(self, size: int) -> np.ndarray | None:
+        """The (T, size, size, 3) crops: `frames` when they are that size, else its frames_<size> column;
+        None where the segment has none (or that column was not read)."""
+        if self.frames is not None and self.frames.shape[1:3] == (size, size):
+            return self.frames
+        return getattr(self, crop_column(size)) if size in EXTRA_CROP_SIZES else None
+
+    @property
+    def extra_crops(self) -> dict[int, np.ndarray]:
+        """{size: crops} of the extra sizes the segment holds (for SegmentBuilder.push's `extra`)."""
+        return {s: c for s in EXTRA_CROP_SIZES if (c := getattr(self, crop_column(s))) is not None}
 
     @classmethod
     def from_row(cls, row: dict) -> "Segment":
@@ -116,9 +150,10 @@ class SegmentBuilder:
     """Cuts one recording's 30 fps blocks into segment rows, in order, holding at most one segment plus a block.
 
     meta: the per-recording values of META_FIELDS (augment_scale may be absent for originals).
-    push(timestamps (n,), crops (n, H, W, 3) uint8, face_found (n,), boxes (n, 4), bvp (n,) or None) returns
-    the rows completed by the block (each `segment_frames` frames); finish() returns the final short one.
-    The rows are the same however the recording is split into blocks.
+    push(timestamps (n,), crops (n, H, W, 3) uint8, face_found (n,), boxes (n, 4), bvp (n,) or None,
+    extra {size: (n, size, size, 3) uint8} for sizes of EXTRA_CROP_SIZES, or None) returns the rows completed
+    by the block (each `segment_frames` frames); finish() returns the final short one. The rows are the same
+    however the recording is split into blocks; bvp and each extra size are given for every block or none.
     """
 
     def __init__(self, meta: dict, segment_frames: int = SEGMENT_FRAMES):
@@ -134,13 +169,14 @@ class SegmentBuilder:
         self._next_index = 0
         self._next_frame = 0
         self._has_bvp: bool | None = None  # fixed by the first block
+        self._extra_sizes: tuple[int, ...] | None = None  # likewise
         self._hw: tuple[int, int] | None = None
         self._finished = False
 
-    def push(self, timestamps, crops, face_found, boxes, bvp=None) -> list[dict]:
+    def push(self, timestamps, crops, face_found, boxes, bvp=None, extra=None) -> list[dict]:
         if self._finished:
             raise RuntimeError("push after finish")
-        block = self._checked(timestamps, crops, face_found, boxes, bvp)
+        block = self._checked(timestamps, crops, face_found, boxes, bvp, extra or {})
         if len(block[0]):
             self._pending.append(block)
             self._n_pending += len(block[0])
@@ -165,7 +201,7 @@ class SegmentBuilder:
         self._pending, self._n_pending = [], 0
         return columns
 
-    def _checked(self, timestamps, crops, face_found, boxes, bvp) -> tuple[np.ndarray, ...]:
+    def _checked(self, timestamps, crops, face_found, boxes, bvp, extra: dict) -> tuple[np.ndarray, ...]:
         n = len(timestamps)
         crops = np.asarray(crops)
         if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[0] != n or crops.shape[3] != 3:
@@ -178,16 +214,30 @@ class SegmentBuilder:
             self._has_bvp = bvp is not None
         elif self._has_bvp != (bvp is not None):
             raise ValueError("bvp must be given for every block of a recording or for none")
+        sizes = tuple(sorted(extra))
+        if self._extra_sizes is None:
+            unknown = set(sizes) - set(EXTRA_CROP_SIZES)
+            if unknown:
+                raise ValueError(f"extra crop sizes {sorted(unknown)} have no column; known: {EXTRA_CROP_SIZES}")
+            self._extra_sizes = sizes
+        elif sizes != self._extra_sizes:
+            raise ValueError(f"extra crop sizes changed from {self._extra_sizes} to {sizes}")
+        for size in sizes:
+            c = extra[size]
+            if c.dtype != np.uint8 or c.shape != (n, size, size, 3):
+                raise ValueError(f"{size}x{size} crops must be ({n}, {size}, {size}, 3) uint8, got {c.shape} {c.dtype}")
         block = (
             np.asarray(timestamps, dtype="<f8").reshape(n),
             crops,
             np.asarray(face_found, dtype=bool).astype("u1").reshape(n),  # 0/1 only: readers view it as bool
             np.asarray(boxes, dtype="<f4").reshape(n, 4),
         )
-        return block + ((np.asarray(bvp, dtype="<f4").reshape(n),) if self._has_bvp else ())
+        block += (np.asarray(bvp, dtype="<f4").reshape(n),) if self._has_bvp else ()
+        return block + tuple(extra[size] for size in sizes)
 
     def _row(self, columns: list[np.ndarray]) -> dict:
         timestamps, frames, found, boxes = columns[:4]
+        extra = dict(zip(self._extra_sizes, columns[4 + self._has_bvp:]))
         n = len(timestamps)
         values = dict(
             self.meta, segment_index=self._next_index, start_frame=self._next_frame, n_frames=n, fps=FPS,
@@ -195,6 +245,7 @@ class SegmentBuilder:
             timestamps=timestamps.tobytes(),  # tobytes writes C order whatever the input's layout
             frames=frames.tobytes(), face_found=found.tobytes(), face_box=boxes.tobytes(),
             bvp=columns[4].tobytes() if self._has_bvp else None,
+            **{crop_column(s): extra[s].tobytes() if s in extra else None for s in EXTRA_CROP_SIZES},
         )
         self._next_index += 1
         self._next_frame += n
@@ -239,6 +290,7 @@ class ShardWriter:
 
     Rows are buffered until they hold `row_group_bytes` of arrays, then written as one row group
     (`row_group_size` = that many rows), so row groups are ~row_group_bytes whatever the segment size.
+    The footer names the crop sizes of the rows (CROP_SIZES_KEY), for `shard_crop_sizes`.
     """
 
     def __init__(self, uri: str, fs: fsspec.AbstractFileSystem, row_group_bytes: int = ROW_GROUP_BYTES):
@@ -254,8 +306,11 @@ class ShardWriter:
         self._rows: list[dict] = []
         self._bytes = 0
         self.n_rows = 0
+        self._crop_sizes: tuple[int, ...] | None = None  # of the first row; SegmentBuilder keeps them alike
 
     def write(self, row: dict) -> None:
+        if self._crop_sizes is None:
+            self._crop_sizes = row_crop_sizes(row)
         self._rows.append(row)
         self._bytes += sum(len(row[k]) for k in _ARRAYS if row.get(k) is not None)
         if self._bytes >= self.row_group_bytes:
@@ -271,6 +326,8 @@ class ShardWriter:
             return
         try:
             self._flush()
+            if self._crop_sizes is not None:
+                self._writer.add_key_value_metadata({CROP_SIZES_KEY: ",".join(map(str, self._crop_sizes))})
             self._writer.close()
         except BaseException:
             self.abort()
@@ -302,6 +359,19 @@ class ShardWriter:
             self._writer.write_table(table, row_group_size=len(self._rows))
             self.n_rows += len(self._rows)
         self._rows, self._bytes = [], 0
+
+
+def row_crop_sizes(row: dict) -> tuple[int, ...]:
+    """The crop sizes a segment row holds: `frames`'s (height) and each non-null frames_<size>, ascending."""
+    return tuple(sorted({int(row["height"])} | {s for s in EXTRA_CROP_SIZES if row.get(crop_column(s)) is not None}))
+
+
+def shard_crop_sizes(uri: str, fs: fsspec.AbstractFileSystem) -> tuple[int, ...] | None:
+    """The crop sizes a shard holds, from its footer alone (no row is read); None for a shard written
+    before the footer named them (schema segments/1: `frames` only, of the height its rows say)."""
+    with fs.open(uri, "rb") as f:
+        value = (pq.ParquetFile(f).metadata.metadata or {}).get(CROP_SIZES_KEY)
+    return None if value is None else tuple(int(v) for v in value.decode().split(",") if v)
 
 
 class RecordingCounts(NamedTuple):
@@ -363,6 +433,7 @@ def read_segments(uri: str, fs: fsspec.AbstractFileSystem, columns: list[str] | 
     """Segments of a shard in file order, one row group in memory at a time.
 
     columns: a subset of SCHEMA's names to read (the shape columns are added when an array is asked for).
+    Columns the file lacks (frames_<size> in a shard of an older schema) come back None.
     """
     if columns is not None:
         unknown = set(columns) - set(SCHEMA.names)
@@ -372,5 +443,7 @@ def read_segments(uri: str, fs: fsspec.AbstractFileSystem, columns: list[str] | 
             columns = list(columns) + [c for c in _SHAPE_COLUMNS if c not in columns]
     with fs.open(uri, "rb") as f:
         parquet = pq.ParquetFile(f)
+        if columns is not None:
+            columns = [c for c in columns if c in parquet.schema_arrow.names]
         for i in range(parquet.num_row_groups):
             yield from segments_of_table(parquet.read_row_group(i, columns=columns))

@@ -1,10 +1,17 @@
 """Thin engine adapters: run one job step over a list of items on Apache Beam or Ray Data.
 
-A step is a class: heavy setup (a face detector, a model) in `__init__(**kwargs)`, one item per
-`__call__(item: dict) -> dict`, items and results JSON-able, and an optional `close()`. A step that holds
-a model declares `runs_model = True`: Beam runs it as a RunInference model handler, Ray as `map_batches`
-on an actor pool, one item per call either way. Each job writes its step once; `run_step` maps it onto
-`pipelines.engines.beam` or `pipelines.engines.ray` and hands the results back in input order.
+A step is a class that workers import by name (module:qualname, never `__main__`): heavy setup (a face
+detector, a model) in `__init__(**kwargs)`, one item per `__call__(item: dict) -> dict`, items and results
+JSON-able, and an optional `close()`. A step that holds a model declares `runs_model = True`: Beam runs it
+as a RunInference model handler, Ray as `map_batches` on an actor pool, one item per call either way. Each
+job writes its step once; `run_step` maps it onto `pipelines.engines.beam` or `pipelines.engines.ray` and
+hands the results back in input order.
+
+Each worker runs its step in a supervised child process (`pipelines.engines.supervisor`), so an item that
+kills its process is retried and then answered by the step's `lost(item, reason)`, a failed result, while
+the run goes on; `split(item)` lets a step holding several things per item (a bucket) retry them one by
+one. With a journal folder, each result is recorded there as its item finishes (`pipelines.journal`), so
+a job whose driver is killed can resume from what was done.
 
 Local defaults start nothing and download nothing: Beam runs on its Python FnApiRunner (never Prism,
 which fetches a binary) with one worker process per core; Ray starts in-process with this machine's
@@ -19,10 +26,13 @@ import io
 import json
 import os
 import sys
+import weakref
 from contextlib import redirect_stderr
 from dataclasses import dataclass, field
 
+from pipelines import journal
 from pipelines.arguments import number_at_least, whole_number
+from pipelines.engines.supervisor import Supervised, load_step_class, step_ref  # noqa: F401 - for the adapters
 from pipelines.errors import JobError
 
 ENGINES = ("beam", "ray")
@@ -39,6 +49,7 @@ class EngineOptions:
     ray_address: str | None = None  # join this Ray cluster instead of starting one in-process
     pipeline_args: tuple[str, ...] = field(default_factory=tuple)  # Beam pipeline options, passed through
     num_gpus: float = 0.0  # per worker, for steps that run a model on a GPU
+    isolate: bool = True  # each worker's step in a supervised child process (see the module's docstring)
 
     @property
     def local(self) -> bool:
@@ -76,30 +87,83 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(args.engine, args.workers, args.ray_address, extra, getattr(args, "gpus_per_worker", 0.0))
 
 
-def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions, work_uri: str) -> list[dict]:
+def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions, work_uri: str,
+             journal_uri: str | None = None) -> list[dict]:
     """Apply step_cls(**step_kwargs) to every item on the chosen engine; results in the order of items.
 
     work_uri: a folder every worker can write (the job's output): Beam leaves its results there for the
-    driver to read, as a pipeline cannot return values.
+    driver to read, as a pipeline cannot return values. journal_uri: where workers record each result as
+    its item finishes (`pipelines.journal`), or None.
     """
     if not items:
         return []
     if opts.engine not in ENGINES:
         raise ValueError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
+    if step_cls.__module__ == "__main__":
+        raise ValueError(f"{step_cls.__qualname__}: a step must live in a module its workers can import, "
+                         "not in __main__")
     if opts.num_gpus and opts.local:
         opts = _local_gpu_workers(opts)
     if opts.engine == "beam":
         from pipelines.engines import beam as engine
     else:
         from pipelines.engines import ray as engine
-    return engine.run(step_cls, step_kwargs, envelopes(items), opts, work_uri)
+    return engine.run(step_cls, step_kwargs, envelopes(items, journal_uri), opts, work_uri)
 
 
 # ---- what both adapters share: items in envelopes, answered by the step, gathered in order -----------
 
-def envelopes(items: list[dict]) -> list[str]:
-    """JSON envelopes carrying each item's position, so results come back in input order from any engine."""
-    return [json.dumps({"index": i, "item": item}, sort_keys=True) for i, item in enumerate(items)]
+def envelopes(items: list[dict], journal_uri: str | None = None) -> list[str]:
+    """JSON envelopes carrying each item's position, so results come back in input order from any engine,
+    and with a journal, where the item's result is to be recorded."""
+    return [json.dumps({"index": i, "item": item, **({"record": journal.record_uri(journal_uri, item)}
+                                                     if journal_uri else {})}, sort_keys=True)
+            for i, item in enumerate(items)]
+
+
+class Worker:
+    """What an engine worker holds: the step named by ref (`step_ref`), in a supervised child process
+    (opts.isolate) or in this one.
+    Called with an envelope, it returns the result envelope, recorded first in the journal when the
+    envelope names a record. keep_log: see `answer`."""
+
+    def __init__(self, ref: str, step_kwargs: dict, isolate: bool = True, keep_log: bool = False):
+        self.step = Supervised(ref, step_kwargs, keep_log) if isolate else _InProcess(ref, step_kwargs, keep_log)
+        _OPEN_WORKERS.add(self)
+
+    def __call__(self, envelope: str) -> str:
+        result = self.step.answer(envelope)
+        record = json.loads(envelope).get("record")
+        if record:
+            journal.write_record(record, json.loads(result)["result"])
+        return result
+
+    def close(self) -> None:
+        if self in _OPEN_WORKERS:
+            _OPEN_WORKERS.discard(self)
+            self.step.close()
+
+
+# this process's open workers: an engine that ran them here (Beam in memory, whose RunInference never closes
+# its model) closes them after its run, so their children end with it rather than with this process
+_OPEN_WORKERS: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+
+
+def open_workers() -> set[Worker]:
+    return set(_OPEN_WORKERS)
+
+
+class _InProcess:
+    """The step in this process: what `Supervised` offers, without the isolation."""
+
+    def __init__(self, ref: str, step_kwargs: dict, keep_log: bool):
+        self.instance, self.keep_log = load_step_class(ref)(**step_kwargs), keep_log
+
+    def answer(self, envelope: str) -> str:
+        return answer(self.instance, envelope, self.keep_log)
+
+    def close(self) -> None:
+        close(self.instance)
 
 
 def answer(step, envelope: str, keep_log: bool = False) -> str:

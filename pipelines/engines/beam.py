@@ -6,13 +6,14 @@ results are written as JSON lines under the job's output for the driver to read 
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 
 import fsspec
 
 from pipelines.console import stderr_without
-from pipelines.engines import EngineOptions, answer, close, in_order, runs_model
+from pipelines.engines import EngineOptions, Worker, in_order, open_workers, runs_model, step_ref
 
 # Beam's local worker processes log at INFO (the pipeline options that set their level do not reach them):
 # their start-up and shutdown, and any library's INFO lines; the driver echoes their warnings. Dropped: INFO
@@ -25,6 +26,9 @@ def run(step_cls, step_kwargs: dict, envelopes: list[str], opts: EngineOptions, 
     from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    # the workers get the step by name: only the process that runs it imports it (pipelines.engines.Worker)
+    ref, isolate = step_ref(step_cls), opts.isolate
+
     class StepModelHandler(ModelHandler):
         """The step as a RunInference model: built once per worker, one envelope per call."""
 
@@ -32,25 +36,27 @@ def run(step_cls, step_kwargs: dict, envelopes: list[str], opts: EngineOptions, 
             super().__init__(min_batch_size=1, max_batch_size=1)
 
         def load_model(self):
-            return step_cls(**step_kwargs)
+            return Worker(ref, step_kwargs, isolate)
 
         def run_inference(self, batch, model, inference_args=None):
             for envelope in batch:
-                yield PredictionResult(envelope, answer(model, envelope))
+                yield PredictionResult(envelope, model(envelope))
 
     class StepDoFn(beam.DoFn):
         def setup(self):
-            self.step = step_cls(**step_kwargs)
+            self.worker = Worker(ref, step_kwargs, isolate)
 
         def process(self, envelope: str):
-            yield answer(self.step, envelope)
+            yield self.worker(envelope)
 
         def teardown(self):
-            close(self.step)
+            self.worker.close()
 
     results_uri = f"{work_uri.rstrip('/')}/.pulsepipe-results-{uuid.uuid4().hex}.json"
     runner, args = _runner(opts)
-    with stderr_without(NOISE), beam.Pipeline(runner=runner, options=PipelineOptions(list(args))) as p:
+    before = open_workers()
+    with (stderr_without(NOISE), _closing_workers(before),
+          beam.Pipeline(runner=runner, options=PipelineOptions(list(args))) as p):
         _ = (
             p
             | "Items" >> beam.Create(envelopes)
@@ -67,6 +73,16 @@ def run(step_cls, step_kwargs: dict, envelopes: list[str], opts: EngineOptions, 
             return in_order(f.read().splitlines(), len(envelopes))
     finally:
         fs.rm(path)
+
+
+@contextlib.contextmanager
+def _closing_workers(before: set):
+    """Close the workers this process started during the block (a runner running them in this process)."""
+    try:
+        yield
+    finally:
+        for worker in open_workers() - before:
+            worker.close()
 
 
 def _runner(opts: EngineOptions):

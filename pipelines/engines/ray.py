@@ -16,10 +16,16 @@ import sys
 import threading
 
 from pipelines.console import stderr_without
-from pipelines.engines import EngineError, EngineOptions, answer, close, in_order, runs_model
+from pipelines.engines import EngineError, EngineOptions, Worker, in_order, runs_model, step_ref
 from pipelines.processes import descendants, terminate
 
-TASK_RETRIES = 2  # fresh workers for an item whose step killed its worker, before the run fails
+# fresh actors for an item whose actor process died, before the run fails, where the step runs in the actor
+# itself (isolate=False), so that a step killing its process cannot loop forever. Isolated, the step's own
+# crashes end only its supervised child (pipelines.engines.supervisor, which bounds them), so an actor dies
+# only with its node or by an outside kill: its item is retried until Ray places a fresh actor, as Ray Data
+# does by default. No count would do there: a node lost abruptly is marked dead only when the GCS health
+# checks have missed it (about 15 s by default), and each retry until then fails at once (from 0.1 s apart).
+TASK_RETRIES = 2
 CONNECT_TIMEOUT_S = 30.0  # joining --ray-address: Ray's own client retries an unreachable cluster for minutes
 AUTH_FACT = ("Ray 2.60 clusters started with token authentication (the default of `ray start --head`) need "
              "RAY_AUTH_MODE=token set on this client as well, and the cluster's token (~/.ray/auth_token, "
@@ -33,27 +39,24 @@ NOISE = re.compile(rb"^\[[^]]*\] core_worker\.cc:\d+: Actor with class name: .* 
 
 
 class _RayStep:
-    """Ray Data actor: one step instance per worker, rows carry JSON envelopes."""
+    """Ray Data actor: one step per worker (pipelines.engines.Worker), rows carry JSON envelopes."""
 
-    def __init__(self, step_cls, step_kwargs):
-        self.step = step_cls(**step_kwargs)
+    def __init__(self, ref: str, step_kwargs: dict, isolate: bool):
+        self.worker = Worker(ref, step_kwargs, isolate, keep_log=True)
 
     def __call__(self, row: dict) -> dict:
-        return {"envelope": self.run(row["envelope"])}
-
-    def run(self, envelope: str) -> str:
-        return answer(self.step, envelope, keep_log=True)
+        return {"envelope": self.worker(row["envelope"])}
 
     def __del__(self):  # Ray Data's teardown (`__ray_shutdown__`) when an actor exits gracefully; an actor
-        if hasattr(self, "step"):  # still running at ray.shutdown is ended without it, its process freed whole
-            close(self.step)
+        if hasattr(self, "worker"):  # still running at ray.shutdown is ended without it, its children with it
+            self.worker.close()
 
 
 class _RayModelStep(_RayStep):
     """The same actor for `map_batches`: a batch of envelopes per call."""
 
     def __call__(self, batch: dict) -> dict:
-        return {"envelope": [self.run(e) for e in batch["envelope"]]}
+        return {"envelope": [self.worker(e) for e in batch["envelope"]]}
 
 
 def run(step_cls, step_kwargs: dict, envelopes: list[str], opts: EngineOptions, work_uri: str) -> list[dict]:
@@ -87,11 +90,12 @@ def _run_on_actors(ray, step_cls, step_kwargs, envelopes: list[str], opts: Engin
     else:
         pool = ray.data.ActorPoolStrategy(size=min(opts.local_workers, len(envelopes)))
     ds = ray.data.from_items([{"envelope": e} for e in envelopes], override_num_blocks=len(envelopes))
-    # an item whose step kills its worker (out of memory, a crash in native code) is tried on a fresh
-    # worker TASK_RETRIES more times, then the run ends with the error: Ray Data retries forever.
-    # It travels as a remote arg, a way Ray deprecates for 2.64 and has no named parameter for yet.
-    actors = dict(fn_constructor_args=(step_cls, step_kwargs), compute=pool, max_task_retries=TASK_RETRIES,
-                  num_cpus=1, num_gpus=opts.num_gpus or None)
+    # an item whose actor died is tried on fresh actors (see TASK_RETRIES). The bound travels as a remote
+    # arg, a way Ray deprecates for 2.64 and has no named parameter for yet. The step travels by name: only
+    # its process imports it.
+    actors = dict(fn_constructor_args=(step_ref(step_cls), step_kwargs, opts.isolate), compute=pool,
+                  max_task_retries=-1 if opts.isolate else TASK_RETRIES, num_cpus=1,
+                  num_gpus=opts.num_gpus or None)
     if runs_model(step_cls):
         out = ds.map_batches(_RayModelStep, batch_size=1, batch_format="numpy", **actors)
     else:
