@@ -122,8 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="*", default=[],
                     help="also time b chunks per device call for each b (batched throughput; on a GPU e.g. 1 8 32)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per batch size")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "physmamba.json"))
-    ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    benchlib.add_output_arguments(ap, "physmamba")
     args = ap.parse_args(argv)
     if args.child:
         print(benchlib.MARK + json.dumps(child(args.child[0], json.loads(args.child[1]))), flush=True)

@@ -316,8 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-mem-cap-gb", type=float, default=12.0,
                     help="kill a reference child past this resident memory, GiB (Keras at T=1600, B=1: ~9.4)")
     ap.add_argument("--ref-timeout-s", type=float, default=1200.0, help="kill a reference child after this")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
-    ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    benchlib.add_output_arguments(ap, "train")
     args = ap.parse_args(argv)
 
     if args.child:

@@ -49,6 +49,15 @@ class StageClock:
         return timed
 
 
+def add_output_arguments(ap, name: str) -> None:
+    """--out (default bench/results/NAME.json) and the hidden --child KIND SPEC with which a bench runs its
+    measurements in fresh processes of itself."""
+    import argparse
+
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / f"{name}.json"))
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+
+
 def package_versions(names) -> dict:
     """Installed versions of the named distributions (those installed)."""
     out = {}

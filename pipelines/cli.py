@@ -15,6 +15,7 @@ COMMANDS = {
     "augment": ("augment", "time-scaled extra recordings so heart rates cover 30-180 BPM (Beam or Ray)"),
     "evaluate": ("evaluate", "models over preprocessed recordings: predictions, metrics, a report (Beam or Ray)"),
     "train": ("train", "train ME-rPPG on preprocessed shards: whole-video sequences, resumable, data-parallel"),
+    "refresh": ("refresh", "scheduled retraining: new data preprocessed, the champion retrained, gated, registered"),
     "live": ("live", "real-time pulse and heart rate from a camera, a stream or a file (ME-flow, a local page)"),
     "demo": ("demo", "synthesise a small cohort and measure it, all on this machine"),
 }

@@ -30,6 +30,7 @@ import uuid
 import fsspec
 
 from pipelines.errors import JobError
+from transforms.shards import is_local
 
 LOCK_NAME = ".pulsepipe.lock"  # a leading dot keeps dataset readers off it
 HEARTBEAT_S = 30.0
@@ -174,14 +175,10 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
 def _create(fs, path: str, data: bytes) -> None:
     """Write path only if absent; FileExistsError if it exists (see the module's docstring for which
     stores make this atomic)."""
-    if _is_local(fs):
+    if is_local(fs):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -191,7 +188,7 @@ def _create(fs, path: str, data: bytes) -> None:
 
 def _replace(fs, path: str, data: bytes) -> None:
     """Overwrite path whole: readers see the old content or the new, never a part."""
-    if _is_local(fs):
+    if is_local(fs):
         tmp = f"{path}.{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -234,7 +231,7 @@ def _mtime(info: dict) -> float:
 
 def _remove_if_unchanged(fs, path: str, seen: bytes) -> None:
     """Remove the stale lock read as `seen`, but not one that another run put there meanwhile."""
-    if not _is_local(fs):  # no conditional delete that fsspec offers: check, then remove
+    if not is_local(fs):  # no conditional delete that fsspec offers: check, then remove
         current = _read(fs, path)
         if current is not None and current[0] == seen:
             with contextlib.suppress(FileNotFoundError):

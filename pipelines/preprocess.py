@@ -30,7 +30,7 @@ from transforms.face import FaceDetector
 from transforms.face_crops import face_crops
 from transforms.manifest import config_hash, fingerprint, package_version, source_fingerprint, source_stats
 from transforms.resample import FPS, longest_bridged_s, resample_signal
-from transforms.shards import CROP_SIZE, EXTRA_CROP_SIZES, shard_path, write_recording
+from transforms.shards import CROP_SIZE, EXTRA_CROP_SIZES, is_local, shard_path, write_recording
 from transforms.video import decode_threads
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "preprocess.yaml"
@@ -177,7 +177,7 @@ class _local_copies:
         self.rec, self.fs, self.tmp = rec, fs, None
 
     def __enter__(self) -> dict[str, str]:
-        if _is_local(self.fs):
+        if is_local(self.fs):
             return {uri: uri for uri in self.rec.files}
         self.tmp = tempfile.mkdtemp(prefix="pulsepipe-")
         local = {}
@@ -190,10 +190,6 @@ class _local_copies:
     def __exit__(self, *exc) -> None:
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 # ---- the driver -------------------------------------------------------------------------------------

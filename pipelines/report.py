@@ -22,7 +22,7 @@ REPORT_DIR = "report"  # PNGs, relative to report.html
 N_WORST = 3  # worst recordings per model whose waveforms the report shows
 
 # Cohort columns: (header, value column, low column, high column, digits).
-_CI_COLUMNS = (
+CI_COLUMNS = (
     ("MAE (BPM)", "mae", "mae_lo", "mae_hi", 2),
     ("RMSE (BPM)", "rmse", "rmse_lo", "rmse_hi", 2),
     ("MAPE (%)", "mape", "mape_lo", "mape_hi", 2),
@@ -37,7 +37,7 @@ def _num(value, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _with_ci(row: dict, value: str, low: str, high: str, digits: int) -> str:
+def with_ci(row: dict, value: str, low: str, high: str, digits: int) -> str:
     """'3.21 [2.80, 3.65]', or the value alone where there is no interval."""
     text = _num(row.get(value), digits)
     if row.get(low) is None or row.get(high) is None:
@@ -83,10 +83,10 @@ def _metric_lines(rows: list[dict], first: list[tuple[str, str]]) -> tuple[list[
     with its CI and the Bland-Altman limits."""
     windows = any(r.get("n_windows") is not None for r in rows)
     header = [h for h, _ in first] + ["subjects", "recordings"] + ["windows"] * windows \
-        + [c[0] for c in _CI_COLUMNS] + ["BA bias (LoA), BPM"]
+        + [c[0] for c in CI_COLUMNS] + ["BA bias (LoA), BPM"]
     lines = [[f"{r[col]:g}" if isinstance(r[col], float) else str(r[col]) for _, col in first]
              + [str(r["n_subjects"]), str(r["n_recordings"])] + [str(r["n_windows"])] * windows
-             + [_with_ci(r, *c[1:]) for c in _CI_COLUMNS] + [_limits(r)] for r in rows]
+             + [with_ci(r, *c[1:]) for c in CI_COLUMNS] + [_limits(r)] for r in rows]
     return header, lines
 
 
@@ -111,7 +111,7 @@ def format_subject_table(metric_rows) -> str:
     cohort = {(r["dataset"], r["model"]): r for r in _levels(metric_rows, "cohort")}
     for dataset in sorted({d for d, _ in cohort}):
         lines.append([str(dataset), "cohort"] + [
-            _with_ci(cohort[(dataset, m)], "mae", "mae_lo", "mae_hi", 2) if (dataset, m) in cohort else "-"
+            with_ci(cohort[(dataset, m)], "mae", "mae_lo", "mae_hi", 2) if (dataset, m) in cohort else "-"
             for m in models])
     return _fixed_width(["dataset", "subject"] + [f"MAE {m} (BPM)" for m in models], lines)
 
@@ -216,17 +216,17 @@ def worst_recordings(prediction_rows, n: int = N_WORST) -> list[tuple[str, str, 
             for _, dataset, rec in sorted(by_model[model], key=lambda e: (-e[0], e[1], e[2]))[:n]]
 
 
-def _html_table(header: list[str], lines: list[list[str]]) -> str:
+def html_table(header: list[str], lines: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>" for line in lines)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _metric_table_html(rows: list[dict], first: list[tuple[str, str]]) -> str:
-    return _html_table(*_metric_lines(rows, first))
+    return html_table(*_metric_lines(rows, first))
 
 
-_CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
+CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #bbb;padding:3px 8px}
 th{background:#eee}td{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}"""
 
@@ -277,11 +277,11 @@ class _PngFolder:
 
 def _page_head() -> list[str]:
     return [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pulsepipe evaluation</title>"
-            f"<style>{_CSS}</style></head><body><h1>pulsepipe evaluation</h1>", _LEVELS_HTML]
+            f"<style>{CSS}</style></head><body><h1>pulsepipe evaluation</h1>", _LEVELS_HTML]
 
 
 def _run_settings_html(about: dict | None, prediction_rows) -> list[str]:
-    parts = [_html_table(["run", ""], [[str(k), str(v)] for k, v in about.items()])] if about else []
+    parts = [html_table(["run", ""], [[str(k), str(v)] for k, v in about.items()])] if about else []
     n_missing = sum(_pair(r) is None for r in prediction_rows if r.get("status", "ok") == "ok")
     if n_missing:
         parts.append(f"<p>{n_missing} scored predictions without both a predicted and a true HR are left out of "
@@ -305,7 +305,7 @@ def _windows_html(metric_rows) -> list[str]:
 
 def _failed_html(prediction_rows, models: list[str]) -> list[str]:
     lines = [list(line) for line in failures(prediction_rows, models)]
-    return ["<h2>Failed</h2>", _html_table(["dataset", "recording", "models", "reason"], lines) if lines
+    return ["<h2>Failed</h2>", html_table(["dataset", "recording", "models", "reason"], lines) if lines
             else "<p>None: every recording was scored by every model.</p>"]
 
 
@@ -352,7 +352,7 @@ def _per_subject_html(models: list[str], prediction_rows, metric_rows) -> list[s
                   | {(r["dataset"], str(r["subject_id"])) for r in prediction_rows})
     return ["<h2>Per subject</h2><p>Subject MAE = mean of the subject's recording absolute errors (BPM); "
             "- where a model scored none of the subject's recordings (see Failed).</p>",
-            _html_table(
+            html_table(
                 ["dataset", "subject"] + [f"MAE {m}" for m in models] + [f"recordings {m}" for m in models],
                 [[str(d), str(s)] + [_num(mae[(d, s, m)]["mae"]) if (d, s, m) in mae else "-" for m in models]
                  + [str(mae[(d, s, m)]["n_recordings"]) if (d, s, m) in mae else "0" for m in models]

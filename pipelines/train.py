@@ -252,6 +252,9 @@ def validate(me, recordings, batch: int = VALIDATION_BATCH) -> dict:
             if not isinstance(truth, RecordingTruth):
                 failed.append(truth)
                 continue
+            if not np.isfinite(bvp).all():  # diverged weights: unscored, as a flat output is, not a crash
+                errors.append(np.nan)
+                continue
             hr, _ = signal.heart_rate(bvp, FPS, usable=truth.usable)
             errors.append(abs(hr - truth.hr_true) if np.isfinite(hr) else np.nan)
     scored = [e for e in errors if np.isfinite(e)]

@@ -252,6 +252,11 @@ class SegmentBuilder:
         return {name: values[name] for name in SCHEMA.names}
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether fs is the local file system (paths are the OS's own)."""
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 @contextlib.contextmanager
 def atomic_file(uri: str, fs: fsspec.AbstractFileSystem) -> Iterator[IO[bytes]]:
     """A binary file that appears at `uri` only when the block ends without error.

@@ -84,14 +84,15 @@ class Supervised:
                     print(f"  {n}", file=sys.stderr, flush=True)
             return json.dumps(e, sort_keys=True)
 
-    def close(self) -> None:
+    # bound at definition: __del__ may run at interpreter exit, when module globals are already None
+    def close(self, _gone=(OSError, EOFError, subprocess.TimeoutExpired)) -> None:
         if self.proc is None:
             return
         proc, self.proc = self.proc, None
         try:
             self.conn.send(("close", None))
             proc.wait(timeout=30)
-        except (OSError, EOFError, subprocess.TimeoutExpired):
+        except _gone:
             proc.kill()
             proc.wait()
         self.conn.close()
