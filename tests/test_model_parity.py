@@ -5,15 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.parity import load_parity_fixture
+
 FIXTURE = Path(__file__).parent / "fixtures" / "me_parity.npz"
 BF16_MIN_R, BF16_MAX_ERR = 0.9999, 0.03  # the bfloat16 option's bound (measured 0.999998, 0.017)
 
 
 @pytest.fixture(scope="module")
 def fixture():
-    if not FIXTURE.exists():
-        pytest.skip(f"{FIXTURE} missing: run `make fixtures`")
-    return dict(np.load(FIXTURE))
+    return load_parity_fixture(FIXTURE)
 
 
 @pytest.fixture(scope="module")

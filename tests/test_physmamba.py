@@ -18,6 +18,7 @@ import pytest
 import model
 from model import physmamba
 from model.config import PHYSMAMBA, PhysMambaConfig
+from tests.parity import load_parity_fixture
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE = FIXTURES / "physmamba_parity.npz"
@@ -49,9 +50,7 @@ maker = _load_script()
 
 @pytest.fixture(scope="module")
 def fixture():
-    if not FIXTURE.exists():
-        pytest.skip(f"{FIXTURE} missing: run `make fixtures`")
-    return dict(np.load(FIXTURE))
+    return load_parity_fixture(FIXTURE)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ the time the job ends.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -64,19 +65,28 @@ def run(step_cls, step_kwargs: dict, envelopes: list[str], opts: EngineOptions, 
 
     if not os.isatty(2):  # what Ray forwards from its workers, without colour codes in a log file
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    with stderr_without(NOISE):
-        started_here = not ray.is_initialized()
+    with stderr_without(NOISE), connected(opts.ray_address, opts.local_workers):
+        return _run_on_actors(ray, step_cls, step_kwargs, envelopes, opts)
+
+
+@contextlib.contextmanager
+def connected(ray_address: str | None, num_cpus: int):
+    """Ray for the block: the cluster at ray_address, or started in-process with num_cpus; left as it
+    was found (a Ray this process already holds is used, and not shut down)."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        quiet = dict(logging_level=logging.ERROR, log_to_driver=True)  # workers' errors still show
+        if ray_address:
+            _join(ray, ray_address, **quiet)
+        else:
+            _start_local(ray, num_cpus=num_cpus, include_dashboard=False, **quiet)
+    try:
+        yield ray
+    finally:
         if started_here:
-            quiet = dict(logging_level=logging.ERROR, log_to_driver=True)  # workers' errors still show
-            if opts.ray_address:
-                _join(ray, opts.ray_address, **quiet)
-            else:
-                _start_local(ray, num_cpus=opts.local_workers, include_dashboard=False, **quiet)
-        try:
-            return _run_on_actors(ray, step_cls, step_kwargs, envelopes, opts)
-        finally:
-            if started_here:
-                ray.shutdown()
+            ray.shutdown()
 
 
 def _run_on_actors(ray, step_cls, step_kwargs, envelopes: list[str], opts: EngineOptions) -> list[dict]:

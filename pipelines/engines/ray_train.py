@@ -10,7 +10,6 @@ coordinator listens on 127.0.0.1.
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
@@ -30,43 +29,31 @@ def run_workers(loop, config: dict, workers: int, ray_address: str | None = None
                 cpus_per_worker: float = 1) -> dict:
     """loop(config) -> dict in each of `workers` Ray Train workers; returns process 0's dict. EngineError
     (one line) for a worker that failed, with its error."""
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.jax import JaxConfig, JaxTrainer
 
-    from pipelines.engines.ray import _join, _start_local
+    from pipelines.engines.ray import connected
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        quiet = dict(logging_level=logging.ERROR, log_to_driver=True)
-        if ray_address:
-            _join(ray, ray_address, **quiet)
-        else:
-            _start_local(ray, num_cpus=max(os.cpu_count() or 1, int(workers * cpus_per_worker)),
-                         include_dashboard=False, **quiet)
     worker_config = {"loop": loop, "config": config, "gpus": bool(gpus_per_worker),
                      "loopback": not ray_address}  # a local run's coordinator stays on 127.0.0.1
-    try:
-        with tempfile.TemporaryDirectory(prefix="pulsepipe-ray-train-") as storage:  # Ray Train's own records
-            trainer = JaxTrainer(
-                _worker, train_loop_config=worker_config,
-                jax_config=JaxConfig(use_gpu=bool(gpus_per_worker)),
-                scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
-                                             resources_per_worker={"CPU": cpus_per_worker,
-                                                                   **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
-                run_config=RunConfig(name="pulsepipe-train", storage_path=storage,
-                                     failure_config=FailureConfig(max_failures=0)))
-            try:
-                with stderr_without(NOISE), stderr_without(NOISE, fd=1):
-                    result = trainer.fit()
-            except Exception as e:  # noqa: BLE001 - Ray Train wraps the worker's error: say it in one line
-                raise EngineError(f"a training worker failed: {_first_line(e)}") from None
-            if result.error is not None:
-                raise EngineError(f"a training worker failed: {_first_line(result.error)}")
-            return dict(result.metrics or {})
-    finally:
-        if started_here:
-            ray.shutdown()
+    with (connected(ray_address, max(os.cpu_count() or 1, int(workers * cpus_per_worker))),
+          tempfile.TemporaryDirectory(prefix="pulsepipe-ray-train-") as storage):  # Ray Train's own records
+        trainer = JaxTrainer(
+            _worker, train_loop_config=worker_config,
+            jax_config=JaxConfig(use_gpu=bool(gpus_per_worker)),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
+                                         resources_per_worker={"CPU": cpus_per_worker,
+                                                               **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
+            run_config=RunConfig(name="pulsepipe-train", storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=0)))
+        try:
+            with stderr_without(NOISE), stderr_without(NOISE, fd=1):
+                result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - Ray Train wraps the worker's error: say it in one line
+            raise EngineError(f"a training worker failed: {_first_line(e)}") from None
+        if result.error is not None:
+            raise EngineError(f"a training worker failed: {_first_line(result.error)}")
+        return dict(result.metrics or {})
 
 
 def _first_line(e: BaseException) -> str:
