@@ -8,7 +8,9 @@ Ours: one full `train_step` (published config: float32, GaussianDropout 0.5 on, 
 "chunked" gradients) on random uint8 frames (B, T, 36, 36, 3) with random labels, at each sequence length T
 (a multiple of 160), and the training forward pass alone over the same frames (`model.train.train_forward`,
 dropout on, from a zero state; or `--forward apply_chunk`, inference chunk mode) for the step / forward
-ratio (goal <= 4x; a backward costs about two forwards, so the arithmetic bound is about 3x).
+ratio (goal <= 4x; a backward costs about two forwards, so the arithmetic bound is about 3x; the chunked
+gradients' flat memory costs one more forward, the recompute: 4x). Each child keeps freed memory for reuse
+as `pulsepipe train` does (`model.keep_freed_memory`; `--malloc default`: the C library's own behaviour).
 
 Reference: `rppg.models.load_ME` (InfinitePulse([2]*4) built at (1, 160, 36, 36, 3), the rlap weights loaded)
 with the float32 policy set after import (the wheel sets mixed_float16 globally; `--ref-policy` keeps it),
@@ -113,6 +115,10 @@ def _device_peak_bytes():
 
 def child(kind: str, spec: dict) -> dict:
     """kind "step": train_step; "forward": the forward pass (spec["forward"]) over the same frames."""
+    import model
+
+    kept = model.keep_freed_memory() if spec["malloc"] == "kept" else False  # as `pulsepipe train` does
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -128,7 +134,8 @@ def child(kind: str, spec: dict) -> dict:
              "bvp": rng.standard_normal((b, n)).astype(np.float32), "mask": np.ones((b, n), bool)}
     t = time.perf_counter()
     params = jax.tree.map(jnp.asarray, load_params("rlap", ME))
-    out = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "n_devices": len(jax.devices())}
+    out = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "n_devices": len(jax.devices()),
+           "freed_memory_kept": kept}
 
     if kind == "step":
         state = train.init_train_state(params, hp, seed=0)
@@ -146,8 +153,6 @@ def child(kind: str, spec: dict) -> dict:
         def run():
             return float(jnp.mean(jax.block_until_ready(train.train_forward(params, batch["frames"], key, hp))))
     else:  # inference chunk mode, one jitted call over the whole sequence from a zero state
-        import model
-
         cfg = train.model_config(hp, ME)
         frames = jnp.asarray(batch["frames"])
         state0 = train.zero_state(b, params, cfg)
@@ -311,6 +316,9 @@ def main(argv=None) -> int:
                     help="how our gradients go through the chunks (TrainHParams.method)")
     ap.add_argument("--forward", default="train_forward", choices=["train_forward", "apply_chunk", "none"],
                     help="the forward pass timed for step/forward: training mode (dropout) or inference chunk mode")
+    ap.add_argument("--malloc", default="kept", choices=["kept", "default"],
+                    help="ours: glibc malloc keeping freed memory, as `pulsepipe train` sets it "
+                         "(model.keep_freed_memory), or the C library's defaults")
     ap.add_argument("--ref-policy", default="float32", choices=["float32", "mixed_float16"],
                     help="Keras dtype policy of the reference (the wheel's own default is mixed_float16)")
     ap.add_argument("--ref-mem-cap-gb", type=float, default=12.0,
@@ -336,7 +344,7 @@ def main(argv=None) -> int:
     rows, ref_versions = [], {}
     for frames in args.lengths:
         spec = {"batch": args.batch, "frames": frames, "repeats": args.repeats, "precision": args.precision,
-                "method": args.method, "forward": args.forward}
+                "method": args.method, "forward": args.forward, "malloc": args.malloc}
         me = [sys.executable, str(Path(__file__).resolve()), "--child"]
         row = {"frames": frames}
         row["ours"] = summarise(run_process(me + ["step", json.dumps(spec)], f"ours: train_step B={args.batch} "
@@ -363,7 +371,7 @@ def main(argv=None) -> int:
                "device": rows[0]["ours"].get("device")}
     print()
     print(f"ME-rPPG training step, published config ({args.precision}, GaussianDropout 0.5, Adam 1e-3, MSE), "
-          f"B={args.batch}, method {args.method}, on {machine['processor']} x {machine['cpu_count']} CPUs, "
+          f"B={args.batch}, method {args.method}, malloc {args.malloc}, on {machine['processor']} x {machine['cpu_count']} CPUs, "
           f"device {machine['device']}" + (f"; reference Keras {ref_versions.get('keras')} on JAX "
                                             f"{ref_versions.get('jax')}, policy {args.ref_policy}"
                                             if ref_versions else ""))

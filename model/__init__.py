@@ -37,6 +37,28 @@ __all__ = ["XLA_CPU_OPTIONS", "MEConfig", "MEModel", "MEState", "MambaState", "P
 XLA_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse: one arena, no separately mapped blocks, no trimming.
+
+    XLA:CPU allocates every execution's buffers afresh, and glibc returns big freed blocks to the system, so
+    each training step page-faults its gigabytes back in (about 1.3 us per 4 KiB page on a 2-core VM: a
+    fifth of a step). Kept, the memory is reused: steps are 15-25% faster and the peak is lower, but the
+    process's resident memory no longer shrinks after a peak. Call before the first JAX computation (the
+    arena limit binds threads started later). Returns False where the C library is not glibc (nothing set).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
+    return all(mallopt(option, value) == 1 for option, value in
+               ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+
+
 def _compiled(fun):
     return jax.jit(fun, static_argnames="cfg", compiler_options=XLA_CPU_OPTIONS)
 

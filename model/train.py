@@ -10,9 +10,13 @@ A sequence of T = k * 160 frames is one example, its state carried from chunk to
 outputs y (b, T); the loss and dL/dy come from the whole y (so a per-sequence Pearson loss works); then
 chunk by chunk, last to first, each chunk is recomputed under `jax.vjp` from its entering state and pulls
 (dL/dy of the chunk, dL/d state leaving it) back to parameter gradients and dL/d state entering it. Both
-passes are a host loop over one jitted per-chunk function each, compiled once per chunk shape: memory is
-the carried states (1.6 MB per stream and chunk), and no XLA:CPU loop is differentiated (the backward of a
-rolled `lax.scan` is ~40x slower there, jax-ml/jax#40150). "whole" (value_and_grad of the unrolled
+passes are host loops over jitted per-chunk functions, compiled once per chunk shape: memory is the carried
+states (1.6 MB per stream and chunk) and one chunk's residuals (~630 MB per stream), whatever T, and no
+XLA:CPU loop is differentiated (the backward of a rolled `lax.scan` is ~40x slower there, jax-ml/jax#40150).
+On 2 CPU cores a step costs 4.6-5.4 forward passes: the forward pass, the recompute (1.2) and the pullback
+(2.3, the convolutions' weight gradients costing XLA:CPU twice their forward). Call
+`model.keep_freed_memory()` first, as `pulsepipe train` does: with glibc's defaults the per-chunk buffers are
+page-faulted in afresh every step and fragment its arenas, and the peak grows with T. "whole" (value_and_grad of the unrolled
 sequence, memory growing with T) and "remat" (`jax.checkpoint` per chunk in a `lax.scan`) give the same
 gradients, for tests and for backends where they are fast.
 
@@ -247,17 +251,23 @@ def _loss_and_dy(ys: list, bvp, mask, kind: str, denominator):
 # ---------------------------------------------------------------- gradients
 
 
-def chunk_vjp(params, frames, state, key, c, dy, dstate, rate: float, cfg: MEConfig):
-    """Recompute chunk c from the state entering it and pull (dy (B, L), dL/d state leaving it) back:
-    returns this chunk's parameter gradients and dL/d state entering it."""
-    _, pullback = jax.vjp(lambda p, s: chunk_forward(p, frames, s, key, c, rate, cfg), params, state)
-    return pullback((dy, dstate))
+def chunk_linearized(params, frames, state, key, c, rate: float, cfg: MEConfig):
+    """Chunk c run from the state entering it, with what its backward needs: ((y (B, L), state leaving it),
+    pullback), where pullback((dy, dL/d state leaving it)) -> (parameter gradients, dL/d state entering it)."""
+    return jax.vjp(lambda p, s: chunk_forward(p, frames, s, key, c, rate, cfg), params, state)
 
 
-@partial(_jit, static_argnames=("rate", "cfg"), donate_argnames="grads")
-def _chunk_backward(params, frames, state, key, c, dy, dstate, grads, rate: float, cfg: MEConfig):
-    """chunk_vjp with the parameter gradients added to grads (donated, updated in place)."""
-    dparams, dstate = chunk_vjp(params, frames, state, key, c, dy, dstate, rate, cfg)
+# The recompute and the pullback are two compiled functions, the residuals handed from one to the other as
+# buffers: in one XLA:CPU module they cost ~30% more (XLA fuses the transposes that the weight gradients of
+# the convolutions and dense layers need into the recomputation, as slow strided loops).
+_chunk_linearized = _jit(chunk_linearized, static_argnames=("rate", "cfg"))
+
+
+@partial(_jit, donate_argnames="grads")
+def _chunk_pullback(pullback, dy, dstate, grads):
+    """pullback (from chunk_linearized) applied, the parameter gradients added to grads (donated, updated in
+    place). The residuals are not donated: some are the parameters' own buffers."""
+    dparams, dstate = pullback((dy, dstate))
     return jax.tree.map(jnp.add, grads, dparams), dstate
 
 
@@ -269,7 +279,12 @@ def _grads_chunked(params, batch, key, rate, kind, cfg, by_batch, denominator):
     dstate = jax.device_put(jax.tree.map(jnp.zeros_like, states[0]), by_batch)  # nothing reads the last state
     for c in reversed(range(len(chunks))):  # last to first, the state's cotangent carried back
         dy = jax.device_put(dys[c], by_batch)
-        grads, dstate = _chunk_backward(params, chunks[c], states[c], key, c, dy, dstate, grads, rate, cfg)
+        _, pullback = _chunk_linearized(params, chunks[c], states[c], key, c, rate, cfg)
+        grads, dstate = _chunk_pullback(pullback, dy, dstate, grads)
+        # one chunk's residuals (~630 MB a sequence) at a time: without the wait, the next chunk's would be
+        # allocated when it is dispatched, while this pullback still runs
+        del pullback
+        dstate = jax.block_until_ready(dstate)
         dstate = jax.device_put(dstate, by_batch)
     return loss, grads
 

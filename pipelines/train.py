@@ -293,7 +293,10 @@ def run_train(request: TrainRequest, log=print, claim: bool = True) -> dict:
     claim: take the run folder's lock (a multi-process run's driver takes it instead)."""
     import jax
 
+    import model
     from model.train import data_mesh
+
+    model.keep_freed_memory()  # before JAX starts its threads
     from pipelines.predictors import use_compile_cache
 
     cfg = request.config

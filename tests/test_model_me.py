@@ -171,3 +171,59 @@ def test_load_and_initial_state():
     assert 1.5e6 < state_bytes(s) / 3 < 1.7e6  # about 1.6 MB per stream in float32
     with pytest.raises(ValueError):
         model.load("physnet")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_layer_vjps_equal_jax_own_rules(dtype):
+    """_matmul and _add_bias carry their own VJPs (for XLA:CPU's speed): the same gradients as JAX's rules for
+    the plain expressions, in float64 to rounding and with bfloat16 products as JAX rounds them."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((2, 3, 5, 4, 6)))  # (b, l, H, W, k) float64
+        w, b = jnp.asarray(rng.standard_normal((6, 7))), jnp.asarray(rng.standard_normal(7))
+        g = jnp.asarray(rng.standard_normal((2, 3, 5, 4, 7)))
+        acc = me_rppg._accumulator(dtype)
+
+        def plain(x, w, b):
+            return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=acc) + b
+
+        def ours(x, w, b):
+            return me_rppg._add_bias(me_rppg._matmul(x, w, dtype), b)
+
+        want_y, want_vjp = jax.vjp(plain, x, w, b)
+        got_y, got_vjp = jax.vjp(ours, x, w, b)
+        np.testing.assert_array_equal(got_y, want_y)  # the forward is the plain expression itself
+        tol = 1e-12 if dtype == "float64" else 2e-2
+        for got, want in zip(got_vjp(g.astype(want_y.dtype)), want_vjp(g.astype(want_y.dtype))):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.max(jnp.abs(want))))
+
+
+KEEP_FREED = """
+import resource, sys
+import numpy as np
+import model
+if sys.argv[1] == "kept":
+    assert model.keep_freed_memory()
+faults = []
+for _ in range(3):  # 256 MiB each time, freed in between
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(2**26, np.float32)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del a
+print(faults[-1])
+"""
+
+
+def test_keep_freed_memory_reuses_freed_blocks():
+    """After model.keep_freed_memory, a freed 256 MiB block is reused (almost no page faults the next time);
+    with glibc's defaults it goes back to the system and is faulted in again (65,536 pages of 4 KiB)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMPY_MADVISE_HUGEPAGE="0")  # 4 KiB pages, so that faults count pages
+    faults = {how: int(subprocess.run([sys.executable, "-c", KEEP_FREED, how], capture_output=True, text=True,
+                                      check=True, env=env, timeout=120).stdout)
+              for how in ("kept", "default")}
+    assert faults["kept"] < 1000 < 60000 < faults["default"], faults
