@@ -41,7 +41,7 @@ def _accumulator(dtype):
 
 
 # The layers over every pixel of every frame carry their own gradients (custom VJPs, the same values as JAX's
-# rules): on XLA:CPU, whose backward is bound by memory traffic, JAX's rules cost a training step ~20% more.
+# rules): on XLA:CPU, whose backward is bound by memory traffic, JAX's rules cost the pullback ~20% more.
 # A weight gradient x^T g contracts the rows of both operands, and XLA:CPU transposes the left one: JAX puts g
 # there, which is as wide as x or wider (dense1: 64 channels against 32; in_proj of block 0: 32 against 3);
 # and a bias gradient as XLA reduces it is a slow tree of partial sums, where a product with ones is one pass.

@@ -295,9 +295,9 @@ def run_train(request: TrainRequest, log=print, claim: bool = True) -> dict:
 
     import model
     from model.train import data_mesh
+    from pipelines.predictors import use_compile_cache
 
     model.keep_freed_memory()  # before JAX starts its threads
-    from pipelines.predictors import use_compile_cache
 
     cfg = request.config
     check_init(request.init, network(cfg))

@@ -60,7 +60,11 @@ def test_gpu_request_on_a_machine_without_gpus_fails_with_the_reason(tmp_path):
         run_step(SquareStep, {"offset": 0}, [{"x": 1}], opts, str(tmp_path))
 
 
-def test_a_local_ray_start_that_times_out_is_tried_once_more(tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("error", [
+    Exception("The current node timed out during startup. This could happen because ..."),  # raylet
+    RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_0123"),  # GCS
+])
+def test_a_local_ray_start_that_times_out_is_tried_once_more(tmp_path, monkeypatch, capfd, error):
     import subprocess
     import sys
 
@@ -72,14 +76,14 @@ def test_a_local_ray_start_that_times_out_is_tried_once_more(tmp_path, monkeypat
         calls.append(kwargs)
         if len(calls) == 1:  # as Ray's timeout does: processes started, then the exception
             left_behind.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]))
-            raise Exception("The current node timed out during startup. This could happen because ...")
+            raise error
         return real_init(**kwargs)
 
     monkeypatch.setattr(ray, "init", init_timing_out_once)
     results = run_step(SquareStep, {"offset": 0}, [{"x": 3}], EngineOptions("ray", workers=1), str(tmp_path))
     assert [r["y"] for r in results] == [9] and len(calls) == 2
     assert left_behind[0].wait(timeout=10) is not None, "what the failed start left running is ended"
-    assert "Ray did not start (The current node timed out during startup." in capfd.readouterr().err
+    assert f"Ray did not start ({error})" in capfd.readouterr().err
 
 
 def test_other_ray_start_errors_are_not_retried(tmp_path, monkeypatch):

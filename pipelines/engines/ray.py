@@ -117,14 +117,19 @@ def _run_on_actors(ray, step_cls, step_kwargs, envelopes: list[str], opts: Engin
     return in_order(results, len(envelopes))
 
 
+# What Ray says when a local start times out: the raylet never registered, or the GCS never wrote its port
+STARTUP_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+
+
 def _start_local(ray, **init_args) -> None:
     """ray.init, once more if the first start times out: now and then a local raylet never registers
-    (ray-project/ray#50474; seen once here in about thirty starts); a second start works."""
+    (ray-project/ray#50474; seen once here in about thirty starts), or the GCS does not write its port within
+    Ray's 30 s (seen once, at the start of a test session); a second start works."""
     before = descendants()
     try:
         ray.init(**init_args)
-    except Exception as e:  # Ray raises a bare Exception for its start-up timeout
-        if "timed out during startup" not in str(e):
+    except Exception as e:  # Ray raises a bare Exception (raylet) or a RuntimeError (GCS port) for these
+        if not any(words in str(e) for words in STARTUP_TIMEOUTS):
             raise
         terminate(descendants() - before)  # the failed start's GCS, dashboard, monitors: known to no Ray object
         ray.shutdown()
