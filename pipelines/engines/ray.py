@@ -119,22 +119,24 @@ def _run_on_actors(ray, step_cls, step_kwargs, envelopes: list[str], opts: Engin
 
 # What Ray says when a local start times out: the raylet never registered, or the GCS never wrote its port
 STARTUP_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+START_ATTEMPTS = 3
 
 
 def _start_local(ray, **init_args) -> None:
-    """ray.init, once more if the first start times out: now and then a local raylet never registers
-    (ray-project/ray#50474; seen once here in about thirty starts), or the GCS does not write its port within
-    Ray's 30 s (seen once, at the start of a test session); a second start works."""
-    before = descendants()
-    try:
-        ray.init(**init_args)
-    except Exception as e:  # Ray raises a bare Exception (raylet) or a RuntimeError (GCS port) for these
-        if not any(words in str(e) for words in STARTUP_TIMEOUTS):
-            raise
-        terminate(descendants() - before)  # the failed start's GCS, dashboard, monitors: known to no Ray object
-        ray.shutdown()
-        print(f"pulsepipe: Ray did not start ({str(e).splitlines()[0]}); starting it once more", file=sys.stderr)
-        ray.init(**init_args)
+    """ray.init, again (up to START_ATTEMPTS in all) when a start times out: now and then a local raylet never
+    registers (ray-project/ray#50474), or the GCS does not write its port within Ray's 30 s; on this 2-core
+    machine about one start in ten to thirty, and a new start works."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        before = descendants()
+        try:
+            ray.init(**init_args)
+            return
+        except Exception as e:  # Ray raises a bare Exception (raylet) or a RuntimeError (GCS port) for these
+            if attempt == START_ATTEMPTS or not any(words in str(e) for words in STARTUP_TIMEOUTS):
+                raise
+            terminate(descendants() - before)  # the failed start's GCS, dashboard, monitors: no Ray object knows them
+            ray.shutdown()
+            print(f"pulsepipe: Ray did not start ({str(e).splitlines()[0]}); starting it again", file=sys.stderr)
 
 
 def _join(ray, address: str, **init_args) -> None:
