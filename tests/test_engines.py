@@ -88,35 +88,24 @@ def test_a_local_ray_start_that_times_out_is_started_again(tmp_path, monkeypatch
     assert f"Ray did not start ({error}); starting it again" in capfd.readouterr().err
 
 
-def test_a_local_ray_start_that_keeps_timing_out_gives_up(tmp_path, monkeypatch, capfd):
-    import ray
-
-    calls = []
-
-    def init_timing_out(**kwargs):
-        calls.append(kwargs)
-        raise RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_0123")
-
-    monkeypatch.setattr(ray, "init", init_timing_out)
-    with pytest.raises(RuntimeError, match="Timed out waiting for file"):
-        run_step(SquareStep, {"offset": 0}, [{"x": 3}], EngineOptions("ray", workers=1), str(tmp_path))
-    assert len(calls) == START_ATTEMPTS
-    assert capfd.readouterr().err.count("starting it again") == START_ATTEMPTS - 1
-
-
-def test_other_ray_start_errors_are_not_retried(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, starts", [
+    (RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_0123"), START_ATTEMPTS),
+    (ValueError("bad argument"), 1),  # not a start-up timeout: not retried
+])
+def test_a_ray_start_that_keeps_failing_gives_up(tmp_path, monkeypatch, capfd, error, starts):
     import ray
 
     calls = []
 
     def init_failing(**kwargs):
         calls.append(kwargs)
-        raise ValueError("bad argument")
+        raise error
 
     monkeypatch.setattr(ray, "init", init_failing)
-    with pytest.raises(ValueError, match="bad argument"):
+    with pytest.raises(type(error), match=str(error)):
         run_step(SquareStep, {"offset": 0}, [{"x": 3}], EngineOptions("ray", workers=1), str(tmp_path))
-    assert len(calls) == 1
+    assert len(calls) == starts
+    assert capfd.readouterr().err.count("starting it again") == starts - 1
 
 
 def test_worker_and_gpu_counts_are_checked_as_they_are_parsed(capsys):
