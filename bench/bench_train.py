@@ -371,7 +371,8 @@ def main(argv=None) -> int:
                "device": rows[0]["ours"].get("device")}
     print()
     print(f"ME-rPPG training step, published config ({args.precision}, GaussianDropout 0.5, Adam 1e-3, MSE), "
-          f"B={args.batch}, method {args.method}, malloc {args.malloc}, on {machine['processor']} x {machine['cpu_count']} CPUs, "
+          f"B={args.batch}, method {args.method}, malloc {args.malloc}, "
+          f"on {machine['processor']} x {machine['cpu_count']} CPUs, "
           f"device {machine['device']}" + (f"; reference Keras {ref_versions.get('keras')} on JAX "
                                             f"{ref_versions.get('jax')}, policy {args.ref_policy}"
                                             if ref_versions else ""))

@@ -13,8 +13,8 @@ chunk by chunk, last to first, each chunk is recomputed under `jax.vjp` from its
 passes are host loops over jitted per-chunk functions, compiled once per chunk shape: memory is the carried
 states (1.6 MB per stream and chunk) and one chunk's residuals (~630 MB per stream), whatever T, and no
 XLA:CPU loop is differentiated (the backward of a rolled `lax.scan` is ~40x slower there, jax-ml/jax#40150).
-On 2 CPU cores a step costs 4.6-5.4 forward passes: the forward pass, the recompute (1.2) and the pullback
-(2.3-2.4, the convolutions' weight gradients costing XLA:CPU twice their forward). Call
+On 2 CPU cores a step costs 4-5.4 forward passes: the forward pass, the recompute (1.2) and the pullback
+(about 2.3, the convolutions' weight gradients costing XLA:CPU twice their forward). Call
 `model.keep_freed_memory()` first, as `pulsepipe train` does: with glibc's defaults the per-chunk buffers are
 page-faulted in afresh every step and fragment its arenas, and the peak grows with T. "whole"
 (value_and_grad of the unrolled sequence, memory growing with T) and "remat" (`jax.checkpoint` per chunk in
