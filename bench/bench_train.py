@@ -2,7 +2,7 @@
 by Keras 3 on JAX (open-rppg 0.1.1 in its own venv), side by side on this machine, with the ratios.
 
     .venv/bin/python bench/bench_train.py --ref-python .venv-ref/bin/python [--lengths 160 640 1600]
-        [--batch 1] [--repeats 2] [--ref-repeats 1] [--out bench/results/train.json]
+        [--batch 1] [--repeats 3] [--ref-repeats 1] [--out bench/results/train.json]
 
 Ours: one full `train_step` (published config: float32, GaussianDropout 0.5 on, Adam 1e-3, MSE, the default
 "chunked" gradients) on random uint8 frames (B, T, 36, 36, 3) with random labels, at each sequence length T
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-lengths", type=int, nargs="*", default=None,
                     help="lengths for the reference (default: --lengths)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per step, B")
-    ap.add_argument("--repeats", type=int, default=2, help="timed steps per child after the warm-up (ours)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per child after the warm-up (ours)")
     ap.add_argument("--ref-repeats", type=int, default=1, help="timed steps per child after the warm-up (reference)")
     ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                     help="compute dtype of our convolutions (TrainHParams.compute_dtype)")

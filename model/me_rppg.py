@@ -41,10 +41,13 @@ def _accumulator(dtype):
 
 
 # The layers over every pixel of every frame carry their own gradients (custom VJPs, the same values as JAX's
-# rules): on XLA:CPU, whose backward is bound by memory traffic, JAX's rules cost the pullback ~20% more.
-# A weight gradient x^T g contracts the rows of both operands, and XLA:CPU transposes the left one: JAX puts g
-# there, which is as wide as x or wider (dense1: 64 channels against 32; in_proj of block 0: 32 against 3);
-# and a bias gradient as XLA reduces it is a slow tree of partial sums, where a product with ones is one pass.
+# rules): on XLA:CPU the backward is bound by memory traffic, and training recomputes each chunk, writing what
+# its pullback reads (model.train). With JAX's rules a chunk kept 630 MB per stream, these keep 360 MB:
+# - relu keeps its sign alone (JAX's also keeps a zero array as big as x), TN its output and scale, and a
+#   convolution x itself (JAX's rule keeps a reshaped copy of x);
+# - a weight gradient x^T g contracts the rows of both operands, and XLA:CPU transposes the left one: JAX puts
+#   g there, as wide as x or wider (dense1: 64 channels against 32; in_proj of block 0: 32 against 3);
+# - a bias gradient as XLA reduces it is a slow tree of partial sums, where a product with ones is one pass.
 
 
 def _rows(a):
@@ -92,21 +95,60 @@ def _add_bias_bwd(_, g):
 _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+@jax.custom_vjp
+def _relu(x):
+    """max(x, 0), with jax.nn.relu's gradient (0 at 0), keeping only the sign."""
+    return jnp.maximum(x, 0)
+
+
+def _relu_fwd(x):
+    return _relu(x), x > 0
+
+
+def _relu_bwd(positive, g):
+    return (jnp.where(positive, g, 0),)
+
+
+_relu.defvjp(_relu_fwd, _relu_bwd)
+
+
 def _dense(x, p, dtype=None):
     """x @ w + b with the product in `dtype` (bfloat16 on request; None: the operands' own), accumulated and
     returned in float32 (or wider)."""
     return _add_bias(_matmul(x, p["w"], jnp.result_type(x, p["w"]) if dtype is None else dtype), p["b"])
 
 
+def _conv_frames(x, w, stride: int, dtype):
+    """conv_general_dilated on every frame, 'same' padding. x: (b, l, H, W, C); w: (kh, kw, C, C')."""
+    b, l = x.shape[:2]
+    y = jax.lax.conv_general_dilated(
+        x.reshape(b * l, *x.shape[2:]).astype(dtype), w.astype(dtype), (stride, stride), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=_accumulator(dtype),
+    )
+    return y.reshape(b, l, *y.shape[1:])  # (b, l, H', W', C')
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, w, stride: int, dtype):
+    """_conv_frames with JAX's own gradients, keeping x itself."""
+    return _conv_frames(x, w, stride, dtype)
+
+
+def _conv_fwd(x, w, stride, dtype):
+    return _conv_frames(x, w, stride, dtype), (x, w)
+
+
+def _conv_bwd(stride, dtype, saved, g):
+    return jax.vjp(partial(_conv_frames, stride=stride, dtype=dtype), *saved)[1](g)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
 def _conv2d(x, p, stride=1, dtype=jnp.float32):
     """Keras Conv3D with a (1, kh, kw) kernel, 'same' padding, on every frame. x: (b, l, H, W, C).
     Products in `dtype`, accumulated and returned in float32 (or wider)."""
-    b, l = x.shape[:2]
-    y = jax.lax.conv_general_dilated(
-        x.reshape(b * l, *x.shape[2:]).astype(dtype), p["w"].astype(dtype), (stride, stride), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=_accumulator(dtype),
-    )
-    return _add_bias(y, p["b"]).reshape(b, l, *y.shape[1:])  # (b, l, H', W', C')
+    return _add_bias(_conv(x, p["w"], stride, dtype), p["b"])  # (b, l, H', W', C')
 
 
 def _mamba_split(p, u):
@@ -159,24 +201,59 @@ def mamba_step(p, u, state: MambaState, eps: float):
     return _mamba_out(p, y, x, z, eps), MambaState(ssd_state, window)
 
 
-def tn_chunk(x, eps: float):
-    """TN over one chunk: remove each pixel-channel's least-squares linear trend, divide by its RMS.
-
-    x: (b, L, H, W, K). The returned state is what the reference reports (chunk mean, squared residual of
-    the chunk's first frame); chunk mode never reads it.
-    """
+def _tn_trend(x, eps: float):
+    """TN over one chunk as plain expressions: (normalised x, chunk mean (b, 1, H, W, K), squared residual of
+    the first frame (b, H, W, K), 1 / RMS (b, 1, H, W, K))."""
     l = x.shape[1]
-    t = jnp.linspace(0.0, 1.0, l, dtype=x.dtype)
-    tc = (t - 0.5).reshape(l, 1, 1, 1)
+    tc = _centred_time(l, x.dtype)
     # Sums of the offsets from the first frame: features far from zero with a small spread would otherwise
     # carry the mean's rounding into the residual, which the division by the spread amplifies.
     x0 = x[:, :1]
     mean = x0 + jnp.mean(x - x0, axis=1, keepdims=True)  # (b, 1, H, W, K)
     slope = jnp.sum((x - mean) * tc, axis=1, keepdims=True) / jnp.sum(tc * tc)
     res = x - mean - slope * tc  # residual from the least-squares line; each reduction re-reads x
-    var = jnp.mean(res * res, axis=1, keepdims=True)
-    sq0 = res[:, 0] * res[:, 0]
-    return res * jax.lax.rsqrt(var + eps), TNState(mean[:, 0], sq0)
+    scale = jax.lax.rsqrt(jnp.mean(res * res, axis=1, keepdims=True) + eps)
+    return res * scale, mean, res[:, 0] * res[:, 0], scale
+
+
+def _centred_time(l: int, dtype):
+    """The chunk's frame times on [0, 1], centred: (l, 1, 1, 1)."""
+    return (jnp.linspace(0.0, 1.0, l, dtype=dtype) - 0.5).reshape(l, 1, 1, 1)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def tn_chunk(x, eps: float):
+    """TN over one chunk: remove each pixel-channel's least-squares linear trend, divide by its RMS.
+
+    x: (b, L, H, W, K). The returned state is what the reference reports (chunk mean, squared residual of
+    the chunk's first frame); chunk mode never reads it. Its gradient is in closed form, from the output and
+    the scale alone (see the layers' note above).
+    """
+    y, mean, sq0, _ = _tn_trend(x, eps)
+    return y, TNState(mean[:, 0], sq0)
+
+
+def _tn_chunk_fwd(x, eps):
+    y, mean, sq0, scale = _tn_trend(x, eps)
+    return (y, TNState(mean[:, 0], sq0)), (y, scale)
+
+
+def _tn_chunk_bwd(eps, saved, cotangents):
+    # residual r = y / scale is x's projection off {1, t}, r = P x with P symmetric: so dx = P dr, with
+    # dr = scale * (gy - y * mean_t(gy * y)) from y = r * rsqrt(mean_t(r^2) + eps), plus 2 r dsq0 at frame 0;
+    # and mean = mean_t(x) adds dmean / L to every frame.
+    y, scale = saved
+    gy, (gmean, gsq0) = cotangents
+    l = y.shape[1]
+    tc = _centred_time(l, y.dtype)
+    first = (jnp.arange(l) == 0).reshape(l, 1, 1, 1)
+    dr = scale * (gy - y * jnp.mean(gy * y, axis=1, keepdims=True))
+    dr = dr + jnp.where(first, 2 * (y / scale) * gsq0[:, None], 0)
+    slope = jnp.sum(dr * tc, axis=1, keepdims=True) / jnp.sum(tc * tc)
+    return (dr - jnp.mean(dr, axis=1, keepdims=True) - slope * tc + gmean[:, None] / l,)
+
+
+tn_chunk.defvjp(_tn_chunk_fwd, _tn_chunk_bwd)
 
 
 def tn_step(x, state: TNState, dt, half_life: float, eps: float):
@@ -240,11 +317,11 @@ def _ssconv(p, x, state: SSConvState, cfg: MEConfig, mode: Mode, site: int = 0):
     """SSConv layer. x: (b, l, H, W, K) -> (b, l, H, W, K), new state. site: its dropout site (see Mode)."""
     x0, tn_state = mode.tn(x, state.tn)
     dtype = cfg.compute_dtype
-    x1 = jax.nn.relu(_dense(_conv2d(x0, p["conv1"], dtype=dtype), p["dense1"], dtype))  # (b, l, H, W, 2K)
+    x1 = _relu(_dense(_conv2d(x0, p["conv1"], dtype=dtype), p["dense1"], dtype))  # (b, l, H, W, 2K)
     x2 = jnp.mean(jnp.mean(x1, axis=2), axis=2)  # (b, l, 2K); one axis at a time: XLA CPU reduces both at once slower
     x2, m_state = mode.mamba(p["mamba"], mode.dropout(x2, site), state.mamba)
     x0 = x0 + (x2 @ p["proj"])[:, :, None, None]  # (b, l, H, W, K)
-    return jax.nn.relu(_conv2d(x0, p["conv2"], dtype=dtype)), SSConvState(tn_state, m_state)
+    return _relu(_conv2d(x0, p["conv2"], dtype=dtype)), SSConvState(tn_state, m_state)
 
 
 def _network(params, x, state: MEState, cfg: MEConfig, mode: Mode):

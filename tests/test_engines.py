@@ -108,19 +108,22 @@ def test_a_ray_start_that_keeps_failing_gives_up(tmp_path, monkeypatch, capfd, e
     assert capfd.readouterr().err.count("starting it again") == starts - 1
 
 
-def test_worker_and_gpu_counts_are_checked_as_they_are_parsed(capsys):
+def test_worker_and_gpu_counts_and_the_item_timeout_are_checked_as_they_are_parsed(capsys):
     import argparse
 
-    from pipelines.engines import add_engine_arguments
+    from pipelines.engines import add_engine_arguments, engine_options
 
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser, gpus=True)
-    for bad in (["--workers", "-1"], ["--workers", "two"], ["--gpus-per-worker", "-1"], ["--gpus-per-worker", "nan"]):
+    for bad in (["--workers", "-1"], ["--workers", "two"], ["--gpus-per-worker", "-1"], ["--gpus-per-worker", "nan"],
+                ["--item-timeout", "0"], ["--item-timeout", "inf"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
         assert f"argument {bad[0]}: expected" in capsys.readouterr().err  # what is wrong, not a type's name
-    args = parser.parse_args(["--workers", "3", "--gpus-per-worker", "0.5"])
+    args = parser.parse_args(["--workers", "3", "--gpus-per-worker", "0.5", "--item-timeout", "90"])
     assert (args.workers, args.gpus_per_worker) == (3, 0.5)
+    assert engine_options(args).item_timeout_s == 90
+    assert engine_options(parser.parse_args([])).item_timeout_s is None  # no limit unless asked
 
 
 # ---- crash isolation: a step that kills its process (pipelines.engines.supervisor) -----------------------
@@ -170,6 +173,15 @@ def test_a_bucket_that_kills_its_worker_is_retried_one_item_at_a_time(engine, tm
     assert [y.get("y") for y in ys] == [0, 1, None, 9, 16, 25]  # r5's bucket died once, then each part worked
     # r2's bucket died once whole, then r2 alone twice more
     assert ys[2]["lost"] == "r2: worker died while processing (signal 9) after 3 attempts"
+
+
+@pytest.mark.parametrize("engine", ["beam", pytest.param("ray", marks=pytest.mark.slow)])
+def test_an_item_that_hangs_its_worker_is_killed_after_the_timeout_and_fails_alone(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("PULSEPIPE_TEST_HANG", "r1:99,r3:1")  # r1: every attempt; r3: the first only
+    opts = EngineOptions(engine, workers=2, item_timeout_s=2)
+    results = run_step(NamedStep, {"offset": 0}, named(range(5)), opts, str(tmp_path))
+    assert [r.get("y") for r in results] == [0, None, 4, 9, 16]
+    assert results[1]["lost"] == "r1: worker died while processing (no answer in 2 s: killed) after 3 attempts"
 
 
 def test_the_step_runs_in_one_child_per_worker_that_outlives_items(tmp_path):

@@ -173,28 +173,40 @@ def test_load_and_initial_state():
         model.load("physnet")
 
 
-@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
-def test_layer_vjps_equal_jax_own_rules(dtype):
-    """_matmul and _add_bias carry their own VJPs (for XLA:CPU's speed): the same gradients as JAX's rules for
-    the plain expressions, in float64 to rounding and with bfloat16 products as JAX rounds them."""
+def _tn_plain(x):
+    y, mean, sq0, _ = me_rppg._tn_trend(x, 2e-6)
+    return y, me_rppg.TNState(mean[:, 0], sq0)
+
+
+# (ours, the plain expressions whose JAX rules ours must equal, the shapes of the differentiated inputs)
+LAYERS = {
+    "dense": (lambda dtype: lambda x, w, b: me_rppg._add_bias(me_rppg._matmul(x, w, dtype), b),
+              lambda dtype: lambda x, w, b: jnp.matmul(x.astype(dtype), w.astype(dtype),
+                                                      preferred_element_type=me_rppg._accumulator(dtype)) + b,
+              [(2, 3, 5, 4, 6), (6, 7), (7,)]),
+    "conv": (lambda dtype: lambda x, w: me_rppg._conv(x, w, 2, dtype),
+             lambda dtype: lambda x, w: me_rppg._conv_frames(x, w, 2, dtype), [(2, 3, 5, 4, 6), (3, 3, 6, 7)]),
+    "relu": (lambda dtype: me_rppg._relu, lambda dtype: jax.nn.relu, [(2, 3, 5, 4, 6)]),
+    "tn": (lambda dtype: lambda x: me_rppg.tn_chunk(x, 2e-6), lambda dtype: _tn_plain, [(2, 7, 5, 4, 6)]),
+}
+
+
+@pytest.mark.parametrize("layer,dtype", [(layer, dtype) for layer in sorted(LAYERS) for dtype in ("float64", "bfloat16")
+                                         if dtype == "float64" or layer in ("conv", "dense")])  # products' dtype
+def test_layer_vjps_equal_jax_own_rules(layer, dtype):
+    """The layers with their own VJPs (for XLA:CPU's speed and the residuals' size) give JAX's rules' gradients
+    for the plain expressions: in float64 to rounding, and with bfloat16 products as JAX rounds them."""
+    ours, plain, shapes = LAYERS[layer]
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((2, 3, 5, 4, 6)))  # (b, l, H, W, k) float64
-        w, b = jnp.asarray(rng.standard_normal((6, 7))), jnp.asarray(rng.standard_normal(7))
-        g = jnp.asarray(rng.standard_normal((2, 3, 5, 4, 7)))
-        acc = me_rppg._accumulator(dtype)
-
-        def plain(x, w, b):
-            return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=acc) + b
-
-        def ours(x, w, b):
-            return me_rppg._add_bias(me_rppg._matmul(x, w, dtype), b)
-
-        want_y, want_vjp = jax.vjp(plain, x, w, b)
-        got_y, got_vjp = jax.vjp(ours, x, w, b)
-        np.testing.assert_array_equal(got_y, want_y)  # the forward is the plain expression itself
+        args = [jnp.asarray(rng.standard_normal(s) * 2 + 0.5) for s in shapes]  # float64, some of them negative
+        want_y, want_vjp = jax.vjp(plain(dtype), *args)
+        got_y, got_vjp = jax.vjp(ours(dtype), *args)
+        for got, want in zip(jax.tree.leaves(got_y), jax.tree.leaves(want_y)):
+            np.testing.assert_array_equal(got, want)  # the forward is the plain expression itself
+        g = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)).astype(a.dtype), want_y)
         tol = 1e-12 if dtype == "float64" else 2e-2
-        for got, want in zip(got_vjp(g.astype(want_y.dtype)), want_vjp(g.astype(want_y.dtype))):
+        for got, want in zip(got_vjp(g), want_vjp(g)):
             assert got.dtype == want.dtype and got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.max(jnp.abs(want))))
 

@@ -8,10 +8,10 @@ job writes its step once; `run_step` maps it onto `pipelines.engines.beam` or `p
 hands the results back in input order.
 
 Each worker runs its step in a supervised child process (`pipelines.engines.supervisor`), so an item that
-kills its process is retried and then answered by the step's `lost(item, reason)`, a failed result, while
-the run goes on; `split(item)` lets a step holding several things per item (a bucket) retry them one by
-one. With a journal folder, each result is recorded there as its item finishes (`pipelines.journal`), so
-a job whose driver is killed can resume from what was done.
+kills its process (or, with `--item-timeout`, hangs it) is retried and then answered by the step's
+`lost(item, reason)`, a failed result, while the run goes on; `split(item)` lets a step holding several
+things per item (a bucket) retry them one by one. With a journal folder, each result is recorded there as
+its item finishes (`pipelines.journal`), so a job whose driver is killed can resume from what was done.
 
 Local defaults start nothing and download nothing: Beam runs on its Python FnApiRunner (never Prism,
 which fetches a binary) with one worker process per core; Ray starts in-process with this machine's
@@ -31,7 +31,7 @@ from contextlib import redirect_stderr
 from dataclasses import dataclass, field
 
 from pipelines import journal
-from pipelines.arguments import number_at_least, whole_number
+from pipelines.arguments import number_at_least, positive_number, whole_number
 from pipelines.engines.supervisor import Supervised, load_step_class, step_ref  # noqa: F401 - for the adapters
 from pipelines.errors import JobError
 
@@ -50,6 +50,7 @@ class EngineOptions:
     pipeline_args: tuple[str, ...] = field(default_factory=tuple)  # Beam pipeline options, passed through
     num_gpus: float = 0.0  # per worker, for steps that run a model on a GPU
     isolate: bool = True  # each worker's step in a supervised child process (see the module's docstring)
+    item_timeout_s: float | None = None  # isolated: a child with no answer to an item for this long is killed
 
     @property
     def local(self) -> bool:
@@ -70,6 +71,10 @@ def add_engine_arguments(p: argparse.ArgumentParser, gpus: bool = False) -> None
     g.add_argument("--workers", type=whole_number(0), default=0, metavar="N",
                    help="worker processes (default: locally one per core; on a Ray cluster as many as it has room for)")
     g.add_argument("--ray-address", help="address of a running Ray cluster (default: start Ray in-process)")
+    g.add_argument("--item-timeout", type=positive_number("a number of seconds"), default=None, metavar="S",
+                   help="kill a worker that has given no answer to an item for S seconds; the item is tried "
+                        "again on a fresh worker, like one whose worker crashed, and fails with that reason "
+                        "after 3 attempts (default: no limit)")
     if gpus:
         g.add_argument("--gpus-per-worker", type=number_at_least(0, "a number of GPUs (0.5: two workers share one)"),
                        default=0.0, metavar="N",
@@ -84,7 +89,8 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     if extra and args.engine != "beam":
         raise JobError(f"unrecognized arguments: {' '.join(extra)} "
                        "(only --engine beam passes pipeline options through)")
-    return EngineOptions(args.engine, args.workers, args.ray_address, extra, getattr(args, "gpus_per_worker", 0.0))
+    return EngineOptions(args.engine, args.workers, args.ray_address, extra, getattr(args, "gpus_per_worker", 0.0),
+                         item_timeout_s=args.item_timeout)
 
 
 def run_step(step_cls, step_kwargs: dict, items: list[dict], opts: EngineOptions, work_uri: str,
@@ -123,12 +129,13 @@ def envelopes(items: list[dict], journal_uri: str | None = None) -> list[str]:
 
 class Worker:
     """What an engine worker holds: the step named by ref (`step_ref`), in a supervised child process
-    (opts.isolate) or in this one.
+    (opts.isolate, with opts.item_timeout_s) or in this one.
     Called with an envelope, it returns the result envelope, recorded first in the journal when the
     envelope names a record. keep_log: see `answer`."""
 
-    def __init__(self, ref: str, step_kwargs: dict, isolate: bool = True, keep_log: bool = False):
-        self.step = Supervised(ref, step_kwargs, keep_log) if isolate else _InProcess(ref, step_kwargs, keep_log)
+    def __init__(self, ref: str, step_kwargs: dict, opts: EngineOptions, keep_log: bool = False):
+        self.step = (Supervised(ref, step_kwargs, keep_log, timeout_s=opts.item_timeout_s) if opts.isolate
+                     else _InProcess(ref, step_kwargs, keep_log))
         _OPEN_WORKERS.add(self)
 
     def __call__(self, envelope: str) -> str:

@@ -27,7 +27,7 @@ def run(step_cls, step_kwargs: dict, envelopes: list[str], opts: EngineOptions, 
     from apache_beam.options.pipeline_options import PipelineOptions
 
     # the workers get the step by name: only the process that runs it imports it (pipelines.engines.Worker)
-    ref, isolate = step_ref(step_cls), opts.isolate
+    ref = step_ref(step_cls)
 
     class StepModelHandler(ModelHandler):
         """The step as a RunInference model: built once per worker, one envelope per call."""
@@ -36,7 +36,7 @@ def run(step_cls, step_kwargs: dict, envelopes: list[str], opts: EngineOptions, 
             super().__init__(min_batch_size=1, max_batch_size=1)
 
         def load_model(self):
-            return Worker(ref, step_kwargs, isolate)
+            return Worker(ref, step_kwargs, opts)
 
         def run_inference(self, batch, model, inference_args=None):
             for envelope in batch:
@@ -44,7 +44,7 @@ def run(step_cls, step_kwargs: dict, envelopes: list[str], opts: EngineOptions, 
 
     class StepDoFn(beam.DoFn):
         def setup(self):
-            self.worker = Worker(ref, step_kwargs, isolate)
+            self.worker = Worker(ref, step_kwargs, opts)
 
         def process(self, envelope: str):
             yield self.worker(envelope)

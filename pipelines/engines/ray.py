@@ -42,8 +42,8 @@ NOISE = re.compile(rb"^\[[^]]*\] core_worker\.cc:\d+: Actor with class name: .* 
 class _RayStep:
     """Ray Data actor: one step per worker (pipelines.engines.Worker), rows carry JSON envelopes."""
 
-    def __init__(self, ref: str, step_kwargs: dict, isolate: bool):
-        self.worker = Worker(ref, step_kwargs, isolate, keep_log=True)
+    def __init__(self, ref: str, step_kwargs: dict, opts: EngineOptions):
+        self.worker = Worker(ref, step_kwargs, opts, keep_log=True)
 
     def __call__(self, row: dict) -> dict:
         return {"envelope": self.worker(row["envelope"])}
@@ -103,7 +103,7 @@ def _run_on_actors(ray, step_cls, step_kwargs, envelopes: list[str], opts: Engin
     # an item whose actor died is tried on fresh actors (see TASK_RETRIES). The bound travels as a remote
     # arg, a way Ray deprecates for 2.64 and has no named parameter for yet. The step travels by name: only
     # its process imports it.
-    actors = dict(fn_constructor_args=(step_ref(step_cls), step_kwargs, opts.isolate), compute=pool,
+    actors = dict(fn_constructor_args=(step_ref(step_cls), step_kwargs, opts), compute=pool,
                   max_task_retries=-1 if opts.isolate else TASK_RETRIES, num_cpus=1,
                   num_gpus=opts.num_gpus or None)
     if runs_model(step_cls):

@@ -5,7 +5,9 @@ Each engine worker keeps one long-lived child (`Supervised`) that builds the ste
 envelopes sent over a pipe, so models and detectors still load once per worker and only small JSON
 crosses. When the child dies mid-item, the supervisor notes the signal, starts a fresh child and tries
 the item again, up to ATTEMPTS times in all; then the step's `lost(item, reason)` answers it (a failed
-row naming the item: "worker died while processing (signal 9) after 3 attempts"). An item holding
+row naming the item: "worker died while processing (signal 9) after 3 attempts"). With a timeout, a child
+that gives no answer within it is killed and counts as dead ("no answer in 600 s: killed"), so an item that
+hangs its worker (a decoder spinning on a corrupt file) fails alone too. An item holding
 several things (a bucket of recordings) whose step declares `split(item)` is tried one part at a time
 after a death, so only the part that kills its worker fails; the parts' results, dicts of lists, are
 joined key by key. A step without `lost` ends the run with the item named.
@@ -16,7 +18,8 @@ engine threads is unsafe. It ends when its parent does (its pipe closes, or its 
 
 Test-only fault injection: with PULSEPIPE_TEST_KILL=RECORDING_ID:TIMES[,RECORDING_ID:TIMES...] in the
 environment, a child SIGKILLs itself on the first TIMES attempts at an item naming that recording (its
-"recording_id" at any depth); TIMES >= ATTEMPTS makes it a poison item. Nothing else reads it.
+"recording_id" at any depth); TIMES >= ATTEMPTS makes it a poison item. PULSEPIPE_TEST_HANG, in the same
+form, makes it sleep instead, never answering. Nothing else reads them.
 """
 from __future__ import annotations
 
@@ -28,12 +31,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import warnings
 from multiprocessing.connection import Connection
 
 ATTEMPTS = 3  # tries at an item whose processing kills its worker, each on a fresh child
-TEST_KILL = "PULSEPIPE_TEST_KILL"
+TEST_KILL, TEST_HANG = "PULSEPIPE_TEST_KILL", "PULSEPIPE_TEST_HANG"
 WATCH_PARENT_S = 1.0
 # the child's command (not `-m`: this module is imported with its package before it would run as __main__)
 CHILD = "import sys; from pipelines.engines.supervisor import main; main(int(sys.argv[1]), int(sys.argv[2]))"
@@ -64,8 +68,10 @@ class Supervised:
     """A step in a supervised child process: `answer(envelope) -> result envelope`, like
     `pipelines.engines.answer` on an in-process step; `close()` ends the child."""
 
-    def __init__(self, ref: str, step_kwargs: dict, keep_log: bool = False, attempts: int = ATTEMPTS):
+    def __init__(self, ref: str, step_kwargs: dict, keep_log: bool = False, attempts: int = ATTEMPTS,
+                 timeout_s: float | None = None):
         self.ref, self.step_kwargs, self.keep_log, self.attempts = ref, step_kwargs, keep_log, attempts
+        self.timeout_s = timeout_s  # the longest wait for an answer (to an item, lost or split); None: no limit
         self.proc = self.conn = None
         self.hooks: dict[str, bool] = {}
         self._lock = threading.Lock()  # Beam may share one model step between threads
@@ -125,14 +131,18 @@ class Supervised:
                 return self._ask("lost", {**e, "reason": why})
 
     def _ask(self, op: str, payload) -> tuple[object, str]:
-        """The child's (answer, log) to one request; WorkerDied if it died meanwhile (a fresh one is started
-        for the next request)."""
+        """The child's (answer, log) to one request; WorkerDied if it died meanwhile or gave no answer within
+        the timeout (then it is killed); a fresh one is started for the next request."""
         if self.proc is not None and self.proc.poll() is not None:  # it died between items: none to retry
             print(f"  worker died between items ({self._reap()}); starting a fresh one", file=sys.stderr, flush=True)
         if self.proc is None:
             self._start()
         try:
             self.conn.send((op, payload))
+            if self.timeout_s is not None and not self.conn.poll(self.timeout_s):
+                self.proc.kill()
+                self._reap()
+                raise WorkerDied(f"no answer in {self.timeout_s:g} s: killed")
             status, value, log = self.conn.recv()
         except (EOFError, OSError):
             raise WorkerDied(self._reap()) from None
@@ -216,6 +226,10 @@ class _Duplex:
     def recv(self):
         return pickle.loads(self.reader.recv_bytes())
 
+    def poll(self, timeout_s: float) -> bool:
+        """Whether an answer is there to read within timeout_s (or the other end closed)."""
+        return self.reader.poll(timeout_s)
+
     def close(self) -> None:
         for c in (self.reader, self.writer):
             if not c.closed:
@@ -254,7 +268,7 @@ def _serve(conn: _Duplex) -> None:
                 return
             try:
                 if op == "run":
-                    _test_kill(payload)
+                    _test_fault(payload)
                     env = json.loads(answer(step, json.dumps(payload), keep_log=keep_log))
                     conn.send(("ok", env["result"], env.get("log", "")))
                 elif op == "lost":
@@ -277,16 +291,15 @@ def _pickled(e: BaseException) -> tuple[bytes | None, str]:
         return None, tb
 
 
-def _test_kill(envelope: dict) -> None:
-    """The test-only fault (see the module's docstring)."""
-    spec = os.environ.get(TEST_KILL)
-    if not spec:
-        return
-    named = _recording_ids(envelope["item"])
-    for entry in spec.split(","):
-        recording_id, _, times = entry.rpartition(":")
-        if envelope["attempt"] <= int(times) and recording_id in named:
-            os.kill(os.getpid(), signal.SIGKILL)
+def _test_fault(envelope: dict) -> None:
+    """The test-only faults (see the module's docstring)."""
+    for name, fault in ((TEST_KILL, lambda: os.kill(os.getpid(), signal.SIGKILL)), (TEST_HANG, lambda: time.sleep(3600))):
+        spec = os.environ.get(name)
+        named = _recording_ids(envelope["item"]) if spec else set()
+        for entry in spec.split(",") if spec else ():
+            recording_id, _, times = entry.rpartition(":")
+            if envelope["attempt"] <= int(times) and recording_id in named:
+                fault()
 
 
 def _recording_ids(obj) -> set:
