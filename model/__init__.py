@@ -44,8 +44,8 @@ def keep_freed_memory() -> bool:
     each training step page-faults its gigabytes back in (about 1.3 us per 4 KiB page on a 2-core VM: a
     fifth of a step). Kept, the memory is reused: training steps are 5-12% faster (bench_train.py), and the
     peak is lower and flat in the sequence length, but the process's resident memory no longer shrinks after
-    a peak. Call before the first JAX computation (the
-    arena limit binds threads started later). Returns False where the C library is not glibc (nothing set).
+    a peak. Call before the first JAX computation (the arena limit binds threads started later). Returns
+    False where the C library is not glibc (nothing set).
     """
     import ctypes
     import ctypes.util

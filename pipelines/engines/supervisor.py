@@ -294,11 +294,9 @@ def _pickled(e: BaseException) -> tuple[bytes | None, str]:
 def _test_fault(envelope: dict) -> None:
     """The test-only faults (see the module's docstring)."""
     for name, fault in ((TEST_KILL, lambda: os.kill(os.getpid(), signal.SIGKILL)), (TEST_HANG, lambda: time.sleep(3600))):
-        spec = os.environ.get(name)
-        named = _recording_ids(envelope["item"]) if spec else set()
-        for entry in spec.split(",") if spec else ():
+        for entry in filter(None, os.environ.get(name, "").split(",")):
             recording_id, _, times = entry.rpartition(":")
-            if envelope["attempt"] <= int(times) and recording_id in named:
+            if envelope["attempt"] <= int(times) and recording_id in _recording_ids(envelope["item"]):
                 fault()
 
 
