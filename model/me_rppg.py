@@ -42,9 +42,12 @@ def _accumulator(dtype):
 
 # The layers over every pixel of every frame carry their own gradients (custom VJPs, the same values as JAX's
 # rules): on XLA:CPU the backward is bound by memory traffic, and training recomputes each chunk, writing what
-# its pullback reads (model.train). With JAX's rules a chunk kept 630 MB per stream, these keep 360 MB:
+# its pullback reads (model.train). With JAX's rules a chunk kept 630 MB per stream, these keep 290 MB:
 # - relu keeps its sign alone (JAX's also keeps a zero array as big as x), TN its output and scale, and a
 #   convolution x itself (JAX's rule keeps a reshaped copy of x);
+# - SSConv's conv2 reads TN's output plus a per-frame offset (the Mamba-2's projection): `_conv_offset` keeps
+#   the two apart, so TN's output is the one array both convolutions of the layer keep, and XLA transposes it
+#   once for both weight gradients;
 # - a weight gradient x^T g contracts the rows of both operands, and XLA:CPU transposes the left one: JAX puts
 #   g there, as wide as x or wider (dense1: 64 channels against 32; in_proj of block 0: 32 against 3);
 # - a bias gradient as XLA reduces it is a slow tree of partial sums, where a product with ones is one pass.
@@ -143,6 +146,50 @@ def _conv_bwd(stride, dtype, saved, g):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _tap_sums(a, axis: int, k: int):
+    """For each tap t of a k-wide 'same' kernel: the sum of `a` over the positions of `axis` whose tap-t input
+    lies inside the image (the rest read the zero padding). a: (..., n, ...) -> (..., k, ...) at `axis`."""
+    n, lo = a.shape[axis], (k - 1) // 2
+    total, sums = jnp.sum(a, axis), []
+    for t in range(k):  # the total less the few border positions whose tap t falls outside
+        s = total
+        if lo > t:
+            s = s - jnp.sum(jax.lax.slice_in_dim(a, 0, lo - t, axis=axis), axis)
+        if t > lo:
+            s = s - jnp.sum(jax.lax.slice_in_dim(a, n - (t - lo), n, axis=axis), axis)
+        sums.append(s)
+    return jnp.stack(sums, axis)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _conv_offset(x, c, w, b, dtype):
+    """_conv_frames(x + c, w) + b with c constant over each frame: x (b, l, H, W, C), c (b, l, C) ->
+    (b, l, H, W, C'). Stride 1, 'same' padding; products in `dtype`, accumulated in float32 (or wider)."""
+    return _conv_frames(x + c[:, :, None, None], w, 1, dtype) + b
+
+
+def _conv_offset_fwd(x, c, w, b, dtype):
+    return _conv_offset(x, c, w, b, dtype), (x, c, w, b[:0])  # b[:0]: the bias's dtype, no values
+
+
+def _conv_offset_bwd(dtype, saved, g):
+    # By linearity, conv(x + c) = conv(x) + conv(c): the weight gradient is x's (the same x, transposed once,
+    # as the layer's other convolution) plus c times each tap's sum of g over the pixels whose input lies
+    # inside the frame, and those sums give c's and the bias's gradients too. Nothing of x + c is kept.
+    x, c, w, b = saved
+    y, pullback = jax.vjp(partial(_conv_frames, stride=1, dtype=dtype), x, w)
+    dx, dw = pullback(g.astype(y.dtype))
+    kh, kw = w.shape[:2]
+    sums = _tap_sums(_tap_sums(g, 3, kw), 2, kh)  # (b, l, kh, kw, C')
+    dc = jnp.einsum("blijd,ijcd->blc", sums, w.astype(sums.dtype))
+    dw = dw + jnp.einsum("blc,blijd->ijcd", c.astype(sums.dtype), sums).astype(dw.dtype)
+    db = jnp.sum(sums[:, :, (kh - 1) // 2, (kw - 1) // 2], axis=(0, 1))  # the centre tap reads every pixel
+    return dx, dc.astype(c.dtype), dw, db.astype(b.dtype)
+
+
+_conv_offset.defvjp(_conv_offset_fwd, _conv_offset_bwd)
 
 
 def _conv2d(x, p, stride=1, dtype=jnp.float32):
@@ -320,8 +367,8 @@ def _ssconv(p, x, state: SSConvState, cfg: MEConfig, mode: Mode, site: int = 0):
     x1 = _relu(_dense(_conv2d(x0, p["conv1"], dtype=dtype), p["dense1"], dtype))  # (b, l, H, W, 2K)
     x2 = jnp.mean(jnp.mean(x1, axis=2), axis=2)  # (b, l, 2K); one axis at a time: XLA CPU reduces both at once slower
     x2, m_state = mode.mamba(p["mamba"], mode.dropout(x2, site), state.mamba)
-    x0 = x0 + (x2 @ p["proj"])[:, :, None, None]  # (b, l, H, W, K)
-    return _relu(_conv2d(x0, p["conv2"], dtype=dtype)), SSConvState(tn_state, m_state)
+    y = _conv_offset(x0, x2 @ p["proj"], p["conv2"]["w"], p["conv2"]["b"], dtype)  # conv2 of x0 + x2 @ proj
+    return _relu(y), SSConvState(tn_state, m_state)
 
 
 def _network(params, x, state: MEState, cfg: MEConfig, mode: Mode):

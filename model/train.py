@@ -11,10 +11,11 @@ outputs y (b, T); the loss and dL/dy come from the whole y (so a per-sequence Pe
 chunk by chunk, last to first, each chunk is recomputed under `jax.vjp` from its entering state and pulls
 (dL/dy of the chunk, dL/d state leaving it) back to parameter gradients and dL/d state entering it. Both
 passes are host loops over jitted per-chunk functions, compiled once per chunk shape: memory is the carried
-states (1.6 MB per stream and chunk) and one chunk's residuals (~360 MB per stream), whatever T, and no
+states (1.6 MB per stream and chunk) and one chunk's residuals (~290 MB per stream), whatever T, and no
 XLA:CPU loop is differentiated (the backward of a rolled `lax.scan` is ~40x slower there, jax-ml/jax#40150).
-On 2 CPU cores a step costs 4.1-4.4 forward passes: the forward pass, the recompute (1.2) and the pullback
-(about 2.3, the convolutions' weight gradients costing XLA:CPU twice their forward). Call
+On 2 CPU cores a step costs about 4 forward passes (3.5-4.6 from run to run on a shared VM): the forward pass,
+the recompute (1.1-1.2) and the pullback (about 2.3, the convolutions' weight gradients costing XLA:CPU about
+twice their forward). Call
 `model.keep_freed_memory()` first, as `pulsepipe train` does: with glibc's defaults the per-chunk buffers are
 page-faulted in afresh every step and fragment its arenas, and the peak grows with T. "whole"
 (value_and_grad of the unrolled sequence, memory growing with T) and "remat" (`jax.checkpoint` per chunk in
@@ -281,7 +282,7 @@ def _grads_chunked(params, batch, key, rate, kind, cfg, by_batch, denominator):
         dy = jax.device_put(dys[c], by_batch)
         _, pullback = _chunk_linearized(params, chunks[c], states[c], key, c, rate, cfg)
         grads, dstate = _chunk_pullback(pullback, dy, dstate, grads)
-        # one chunk's residuals (~360 MB a sequence) at a time: without the wait, the next chunk's would be
+        # one chunk's residuals (~290 MB a sequence) at a time: without the wait, the next chunk's would be
         # allocated when it is dispatched, while this pullback still runs
         del pullback
         dstate = jax.block_until_ready(dstate)

@@ -186,13 +186,16 @@ LAYERS = {
               [(2, 3, 5, 4, 6), (6, 7), (7,)]),
     "conv": (lambda dtype: lambda x, w: me_rppg._conv(x, w, 2, dtype),
              lambda dtype: lambda x, w: me_rppg._conv_frames(x, w, 2, dtype), [(2, 3, 5, 4, 6), (3, 3, 6, 7)]),
+    "conv_offset": (lambda dtype: lambda x, c, w, b: me_rppg._conv_offset(x, c, w, b, dtype),
+                    lambda dtype: lambda x, c, w, b: me_rppg._conv_frames(x + c[:, :, None, None], w, 1, dtype) + b,
+                    [(2, 3, 5, 4, 6), (2, 3, 6), (3, 3, 6, 7), (7,)]),
     "relu": (lambda dtype: me_rppg._relu, lambda dtype: jax.nn.relu, [(2, 3, 5, 4, 6)]),
     "tn": (lambda dtype: lambda x: me_rppg.tn_chunk(x, 2e-6), lambda dtype: _tn_plain, [(2, 7, 5, 4, 6)]),
 }
 
 
 @pytest.mark.parametrize("layer,dtype", [(layer, dtype) for layer in sorted(LAYERS) for dtype in ("float64", "bfloat16")
-                                         if dtype == "float64" or layer in ("conv", "dense")])  # products' dtype
+                                         if dtype == "float64" or layer in ("conv", "conv_offset", "dense")])  # products' dtype
 def test_layer_vjps_equal_jax_own_rules(layer, dtype):
     """The layers with their own VJPs (for XLA:CPU's speed and the residuals' size) give JAX's rules' gradients
     for the plain expressions: in float64 to rounding, and with bfloat16 products as JAX rounds them."""
