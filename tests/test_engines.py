@@ -32,7 +32,12 @@ def workers_import_this_module(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")])))
 
 
-@pytest.mark.parametrize("engine", ["beam", "ray"])
+# Ray runs in the default set through the beam-and-ray equality tests of each job; its variants here are slow,
+# to keep `make test` within its time
+ENGINES = ["beam", pytest.param("ray", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_results_come_back_in_input_order(engine, tmp_path):
     items = [{"x": x} for x in [5, 3, -1, 8, 0, 2, 7]]
     results = run_step(SquareStep, {"offset": 1}, items, EngineOptions(engine, workers=2), str(tmp_path))
@@ -42,7 +47,7 @@ def test_results_come_back_in_input_order(engine, tmp_path):
     assert not list(tmp_path.iterdir()), "the hand-over file is removed"
 
 
-@pytest.mark.parametrize("engine", ["beam", "ray"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_model_steps_run_as_model_steps_with_the_same_results(engine, tmp_path):
     # Beam: a RunInference model handler; Ray: map_batches over an actor pool
     items = [{"x": x} for x in [5, 3, -1, 8, 0, 2, 7]]
@@ -155,7 +160,7 @@ def named(xs) -> list[dict]:
     return [{"x": x, "recording_id": f"r{x}"} for x in xs]
 
 
-@pytest.mark.parametrize("engine", ["beam", pytest.param("ray", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_an_item_that_kills_its_worker_fails_alone_and_one_killed_once_succeeds(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("PULSEPIPE_TEST_KILL", "r2:99,r4:1")  # r2: every attempt (poison); r4: the first only
     results = run_step(NamedStep, {"offset": 0}, named(range(6)), EngineOptions(engine, workers=2), str(tmp_path))
@@ -164,7 +169,7 @@ def test_an_item_that_kills_its_worker_fails_alone_and_one_killed_once_succeeds(
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("engine", ["beam", pytest.param("ray", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_bucket_that_kills_its_worker_is_retried_one_item_at_a_time(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("PULSEPIPE_TEST_KILL", "r2:99,r5:1")
     buckets = [{"things": named([0, 1, 2])}, {"things": named([3, 4, 5])}]
@@ -175,7 +180,7 @@ def test_a_bucket_that_kills_its_worker_is_retried_one_item_at_a_time(engine, tm
     assert ys[2]["lost"] == "r2: worker died while processing (signal 9) after 3 attempts"
 
 
-@pytest.mark.parametrize("engine", ["beam", pytest.param("ray", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_an_item_that_hangs_its_worker_is_killed_after_the_timeout_and_fails_alone(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("PULSEPIPE_TEST_HANG", "r1:99,r3:1")  # r1: every attempt; r3: the first only
     opts = EngineOptions(engine, workers=2, item_timeout_s=2)

@@ -78,7 +78,7 @@ def test_beam_and_ray_write_identical_shards_and_manifests(tmp_path, cohort, bea
         without_timing(read_manifest(str(tmp_path / "manifest.parquet"), fs))
 
 
-@pytest.mark.parametrize("engine", ["beam", "ray"])
+@pytest.mark.parametrize("engine", ["beam", pytest.param("ray", marks=pytest.mark.slow)])  # Ray: see test_engines
 def test_console_shows_every_recording_and_no_engine_noise(engine, tmp_path, cohort):
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "preprocess", "--layout", "synthetic", "--input",
                            str(cohort), "--output", str(tmp_path), "--engine", engine],
