@@ -194,8 +194,9 @@ LAYERS = {
 }
 
 
+# bfloat16 for the layers with products
 @pytest.mark.parametrize("layer,dtype", [(layer, dtype) for layer in sorted(LAYERS) for dtype in ("float64", "bfloat16")
-                                         if dtype == "float64" or layer in ("conv", "conv_offset", "dense")])  # products' dtype
+                                         if dtype == "float64" or layer in ("conv", "conv_offset", "dense")])
 def test_layer_vjps_equal_jax_own_rules(layer, dtype):
     """The layers with their own VJPs (for XLA:CPU's speed and the residuals' size) give JAX's rules' gradients
     for the plain expressions: in float64 to rounding, and with bfloat16 products as JAX rounds them."""
