@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     print()
     print(f"ME-rPPG training step, published config ({args.precision}, GaussianDropout 0.5, Adam 1e-3, MSE), "
           f"B={args.batch}, method {args.method}, malloc {args.malloc}, "
-          f"on {machine['processor']} x {machine['cpu_count']} CPUs, "
+          f"on {machine['processor']} x {machine['cpu_count']} CPUs ({machine['cpu_model']}), "
           f"device {machine['device']}" + (f"; reference Keras {ref_versions.get('keras')} on JAX "
                                             f"{ref_versions.get('jax')}, policy {args.ref_policy}"
                                             if ref_versions else ""))

@@ -69,11 +69,27 @@ def package_versions(names) -> dict:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name, family and model, and its widest vector ISA, from /proc/cpuinfo (Linux); the
+    same VM type can land on hosts of different generations, and XLA:CPU's kernels differ with the ISA."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+    return f"{fields.get('model name', '?')}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {isa}"
+
+
 def machine_info(packages, **extra) -> dict:
     """What the figures were measured on: platform, CPUs, memory, Python and package versions."""
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,

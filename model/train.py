@@ -5,21 +5,20 @@ the forward pass starts from a zero state (`MEState.zeros`), TN takes each 160-f
 trend, and GaussianDropout(0.5) multiplies each SSConv's pooled features before its Mamba-2 and out_proj's
 output by 1 + sqrt(rate / (1 - rate)) * N(0, 1).
 
-A sequence of T = k * 160 frames is one example, its state carried from chunk to chunk. Gradients
-("chunked", the default): a forward pass over the chunks keeps only the state entering each chunk and the
-outputs y (b, T); the loss and dL/dy come from the whole y (so a per-sequence Pearson loss works); then
-chunk by chunk, last to first, each chunk is recomputed under `jax.vjp` from its entering state and pulls
-(dL/dy of the chunk, dL/d state leaving it) back to parameter gradients and dL/d state entering it. Both
-passes are host loops over jitted per-chunk functions, compiled once per chunk shape: memory is the carried
-states (1.6 MB per stream and chunk) and one chunk's residuals (~290 MB per stream), whatever T, and no
-XLA:CPU loop is differentiated (the backward of a rolled `lax.scan` is ~40x slower there, jax-ml/jax#40150).
-On 2 CPU cores a step costs about 4 forward passes (3.5-4.6 from run to run on a shared VM): the forward pass,
-the recompute (1.1-1.2) and the pullback (about 2.3, the convolutions' weight gradients costing XLA:CPU about
-twice their forward). Call
-`model.keep_freed_memory()` first, as `pulsepipe train` does: with glibc's defaults the per-chunk buffers are
-page-faulted in afresh every step and fragment its arenas, and the peak grows with T. "whole"
-(value_and_grad of the unrolled sequence, memory growing with T) and "remat" (`jax.checkpoint` per chunk in
-a `lax.scan`) give the same gradients, for tests and for backends where they are fast.
+A sequence of T = k * 160 frames is one example, its state carried from chunk to chunk. Gradients ("chunked",
+the default): a forward pass over the chunks keeps only the state entering each chunk and the outputs y
+(b, T); the loss and dL/dy come from the whole y (so a per-sequence Pearson loss works); then chunk by chunk,
+last to first, each chunk is recomputed under `jax.vjp` from its entering state and pulls (dL/dy of the chunk,
+dL/d state leaving it) back to parameter gradients and dL/d state entering it. Both passes are host loops over
+jitted per-chunk functions, compiled once per chunk shape: memory is the carried states (1.6 MB per stream and
+chunk) and one chunk's residuals (~290 MB per stream), whatever T, and no XLA:CPU loop is differentiated (the
+backward of a rolled `lax.scan` is ~40x slower there, jax-ml/jax#40150). On 2 CPU cores a step costs about 4
+forward passes (3.5-4.6 from run to run on a shared AVX-512 VM, 4.1-4.9 on an AVX2 one): the forward pass, the
+recompute (1.1-1.2) and the pullback (about 2.3, the convolutions' weight gradients costing XLA:CPU about
+twice their forward). Call `model.keep_freed_memory()` first, as `pulsepipe train` does: with glibc's defaults
+the per-chunk buffers are page-faulted in afresh every step and fragment its arenas, and the peak grows with
+T. "whole" (value_and_grad of the unrolled sequence, memory growing with T) and "remat" (`jax.checkpoint` per
+chunk in a `lax.scan`) give the same gradients, for tests and for backends where they are fast.
 
 Data parallel: a `Mesh` over the local devices with axis "data"; batches sharded along B, the train state
 replicated; XLA sums the gradients across devices. The same code runs on one device. Across processes (one
