@@ -81,7 +81,8 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
     flags = set(fields.get("flags", "").split())
     isa = "AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
-    return f"{fields.get('model name', '?')}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {isa}"
+    family, model = fields.get("cpu family", "?"), fields.get("model", "?")
+    return f"{fields.get('model name', '?')}, family {family} model {model}, {isa}"
 
 
 def machine_info(packages, **extra) -> dict:
