@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from pathlib import Path
 
 import pytest
 
@@ -156,6 +158,21 @@ class NamedModelStep(NamedStep):
         return [{"things": [item]} for item in bucket["things"]]
 
 
+class DyingLostStep(NamedStep):
+    """NamedStep whose `lost` kills its process the first `deaths` times it is asked (counted in files)."""
+
+    def __init__(self, offset: int, marks: str, deaths: int):
+        super().__init__(offset)
+        self.marks, self.deaths = Path(marks), deaths
+
+    def lost(self, item: dict, reason: str) -> dict:
+        died = len(list(self.marks.iterdir()))
+        if died < self.deaths:
+            (self.marks / str(died)).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().lost(item, reason)
+
+
 def named(xs) -> list[dict]:
     return [{"x": x, "recording_id": f"r{x}"} for x in xs]
 
@@ -187,6 +204,20 @@ def test_an_item_that_hangs_its_worker_is_killed_after_the_timeout_and_fails_alo
     results = run_step(NamedStep, {"offset": 0}, named(range(5)), opts, str(tmp_path))
     assert [r.get("y") for r in results] == [0, None, 4, 9, 16]
     assert results[1]["lost"] == "r1: worker died while processing (no answer in 2 s: killed) after 3 attempts"
+
+
+def test_a_worker_that_dies_recording_a_lost_item_is_replaced_up_to_3_times(tmp_path, monkeypatch):
+    monkeypatch.setenv("PULSEPIPE_TEST_KILL", "r1:99")
+    (tmp_path / "marks").mkdir()
+    (tmp_path / "work").mkdir()
+    kwargs = {"offset": 0, "marks": str(tmp_path / "marks"), "deaths": 2}
+    results = run_step(DyingLostStep, kwargs, named(range(3)), EngineOptions("beam", workers=1), str(tmp_path / "work"))
+    assert [r.get("y") for r in results] == [0, None, 4]
+    assert results[1]["lost"] == "r1: worker died while processing (signal 9) after 3 attempts"
+    assert len(list((tmp_path / "marks").iterdir())) == 2  # lost's first two children did die
+    with pytest.raises(Exception, match=r"worker died in lost\(.*\) of item 1 on each of 3 tries, the last: signal 9"):
+        run_step(DyingLostStep, {**kwargs, "deaths": 99}, named(range(3)), EngineOptions("beam", workers=1),
+                 str(tmp_path / "work"))
 
 
 def test_the_step_runs_in_one_child_per_worker_that_outlives_items(tmp_path):

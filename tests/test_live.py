@@ -1,13 +1,15 @@
 """`pulsepipe live`: heart rate that follows a changing truth, BVP equal to offline flow mode, no-face
-gaps, one-line errors, loopback by default, frames dropped (not queued) when behind, and the page in a
-real browser (slow)."""
+gaps, one-line errors, a stalled URL reconnected once, loopback by default, frames dropped (not queued) when
+behind, and the page in a real browser (slow)."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.server
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 
 import model
 from chromium_page import ChromiumPage, find_chromium
-from pipelines import cli
+from pipelines import cli, live_source
 from pipelines.errors import JobError
 from pipelines.live import CSV_HEADER, live_rows, load_flow_model
 from pipelines.live_flow import LiveEstimator
@@ -143,6 +145,109 @@ def test_a_stalled_source_ends_with_one_error():
     with pytest.raises(JobError, match="stalled: no frame for 0.3 s"):
         feed.get()
     assert time.monotonic() - started < 2
+
+
+def test_a_camera_that_vanishes_mid_run_ends_with_one_line(ramp, monkeypatch, capfd):
+    frames = iter_frames(str(ramp[0]))  # what the camera shows before it is unplugged: 40 frames of a face
+
+    class Unplugged:
+        def __init__(self, index):
+            self.left = 40
+
+        def isOpened(self):
+            return True
+
+        def grab(self):
+            self.left -= 1
+            return self.left >= 0
+
+        def retrieve(self):
+            return True, np.ascontiguousarray(next(frames)[1][..., ::-1])  # BGR, as OpenCV gives
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(live_source.cv2, "VideoCapture", Unplugged)
+    assert cli.main(["live", "--source", "0", "--no-browser", "--port", "0"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.splitlines()[-1] == "pulsepipe live: error: camera 0: stopped delivering frames (disconnected?)", err
+
+
+class StallingServer:
+    """Serves one file over HTTP on 127.0.0.1; each of the first `stalls` requests sends half of it and then
+    nothing (the connection stays open), the next ones all of it."""
+
+    def __init__(self, body: bytes, stalls: int):
+        self.requests, self.release = 0, threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                owner.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp2t")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                stall = owner.requests <= stalls
+                self.wfile.write(body[:len(body) // 2] if stall else body)
+                self.wfile.flush()
+                if stall:
+                    owner.release.wait(30)
+
+            def log_message(self, *_):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/stream.ts"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def stream_ts(tmp_path_factory):
+    """An MPEG-TS of 90 small frames at 30 fps (TS streams without seeking, as a live source does)."""
+    path = tmp_path_factory.mktemp("stream") / "stream.ts"
+    frames = (np.full((48, 64, 3), 40 + k, np.uint8) for k in range(90))
+    n = synth.write_video(path, frames, 30.0, synth.parse_codec("h264-crf18"))
+    return path.read_bytes(), n
+
+
+def test_a_url_that_stalls_reconnects_once_and_its_clock_goes_on(stream_ts, monkeypatch):
+    body, n = stream_ts
+    monkeypatch.setattr(live_source, "STALL_S", 1.0)  # FFmpeg's read timeout
+    server = StallingServer(body, stalls=1)
+    try:
+        source = open_source(server.url)
+        frames = list(source.frames())
+        source.close()
+    finally:
+        server.close()
+    assert server.requests == 2, "one reconnect"
+    levels = np.array([f.image.mean() for f in frames])  # frame k of the file is 40 + k, give or take the codec
+    (restart,) = np.flatnonzero(np.diff(levels) < -5)  # one place where the reopened file starts again
+    k = int(restart) + 1
+    assert 0 < k < n and abs(levels[k] - 41) < 2, "the first connection's frames, then the file again"
+    assert len(frames) == k + n - 1  # its first frame falls on the last time before the stall: dropped
+    assert np.allclose(np.diff([f.t for f in frames]), 1 / 30, atol=1e-3), "one clock across the reconnect"
+
+
+def test_a_url_that_stalls_again_after_its_reconnect_ends_with_one_error(stream_ts, monkeypatch):
+    monkeypatch.setattr(live_source, "STALL_S", 1.0)
+    server = StallingServer(stream_ts[0], stalls=2)
+    try:
+        source = open_source(server.url)
+        with pytest.raises(JobError, match=f"^{server.url}: stalled or broken after a reconnect"):
+            for _ in source.frames():
+                pass
+        source.close()
+    finally:
+        server.close()
+    assert server.requests == 2
 
 
 def test_the_page_binds_loopback_by_default_and_serves_its_files():

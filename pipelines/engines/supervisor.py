@@ -10,7 +10,8 @@ that gives no answer within it is killed and counts as dead ("no answer in 600 s
 hangs its worker (a decoder spinning on a corrupt file) fails alone too. An item holding
 several things (a bucket of recordings) whose step declares `split(item)` is tried one part at a time
 after a death, so only the part that kills its worker fails; the parts' results, dicts of lists, are
-joined key by key. A step without `lost` ends the run with the item named.
+joined key by key. A child that dies in `split` or `lost` is replaced and asked again, up to ATTEMPTS times.
+A step without `lost` ends the run with the item named.
 
 The child is a fresh interpreter (`python -c CHILD`, what multiprocessing's `spawn` does, without
 re-running the parent's main module): forking a process that holds JAX/XLA or
@@ -119,7 +120,7 @@ class Supervised:
                              f"{self.attempts}")
                 why = f"worker died while processing ({died}) after {used} attempts"
                 if self.hooks.get("split"):
-                    parts = self._ask("split", e["item"])[0]
+                    parts = self._ask_again("split", e["item"], e["index"], notes)[0]
                     if len(parts) > 1:
                         answers = [self._answer({**e, "item": p}, used, notes) for p in parts]
                         return _joined([r for r, _ in answers]), "".join(log for _, log in answers)
@@ -128,7 +129,19 @@ class Supervised:
                 if not self.hooks.get("lost"):
                     raise WorkerDied(f"{why}: item {e['index']} {json.dumps(e['item'], sort_keys=True)[:300]}; "
                                      f"{self.ref} has no lost(item, reason) to record it") from None
-                return self._ask("lost", {**e, "reason": why})
+                return self._ask_again("lost", {**e, "reason": why}, e["index"], notes)
+
+    def _ask_again(self, op: str, payload, index: int, notes: list[str]) -> tuple[object, str]:
+        """_ask for `split` and `lost`, which run no model: a child that dies in one (killed for memory beside
+        it, say) is replaced and asked again, up to `attempts` times, so the item is still answered."""
+        for tried in range(1, self.attempts + 1):
+            try:
+                return self._ask(op, payload)
+            except WorkerDied as died:
+                if tried == self.attempts:
+                    raise WorkerDied(f"worker died in {op}({json.dumps(payload, sort_keys=True)[:300]}) of item "
+                                     f"{index} on each of {tried} tries, the last: {died}") from None
+                notes.append(f"item {index}: worker died in {op} ({died}), try {tried} of {self.attempts}")
 
     def _ask(self, op: str, payload) -> tuple[object, str]:
         """The child's (answer, log) to one request; WorkerDied if it died meanwhile or gave no answer within
