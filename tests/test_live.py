@@ -1,6 +1,6 @@
 """`pulsepipe live`: heart rate that follows a changing truth, BVP equal to offline flow mode, no-face
-gaps, one-line errors, a stalled URL reconnected once, loopback by default, frames dropped (not queued) when
-behind, and the page in a real browser (slow)."""
+gaps, one-line errors, a stalled URL reconnected once, an unplugged camera, loopback by default, frames
+dropped (not queued) when behind, and the page in a real browser (slow)."""
 from __future__ import annotations
 
 import asyncio

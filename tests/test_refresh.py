@@ -66,7 +66,8 @@ def snapshot(registry: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def first_two(tmp_path_factory):
-    """Run 1 on a new registry, then run 2 with nothing new; (base folder, their history rows, run 1's registry).
+    """Run 1 on a new registry, then run 2 with nothing new; (base folder, their history rows, the registry
+    after run 1).
 
     Run 2 re-lists the data (preprocess and augment find nothing to do) but may neither train nor evaluate: both
     raise if they are called."""
