@@ -134,14 +134,23 @@ class Supervised:
     def _ask_again(self, op: str, payload, index: int, notes: list[str]) -> tuple[object, str]:
         """_ask for `split` and `lost`, which run no model: a child that dies in one (killed for memory beside
         it, say) is replaced and asked again, up to `attempts` times, so the item is still answered."""
+        return self._retried(
+            lambda: self._ask(op, payload),
+            lambda died, tried: notes.append(f"item {index}: worker died in {op} ({died}), try {tried} of "
+                                             f"{self.attempts}"),
+            lambda died, tried: f"worker died in {op}({json.dumps(payload, sort_keys=True)[:300]}) of item {index} "
+                                f"on each of {tried} tries, the last: {died}")
+
+    def _retried(self, call, note, last):
+        """call() again while it raises WorkerDied, `attempts` times at most; note(died, tried) after each death
+        but the last, which raises WorkerDied(last(died, tried))."""
         for tried in range(1, self.attempts + 1):
             try:
-                return self._ask(op, payload)
+                return call()
             except WorkerDied as died:
                 if tried == self.attempts:
-                    raise WorkerDied(f"worker died in {op}({json.dumps(payload, sort_keys=True)[:300]}) of item "
-                                     f"{index} on each of {tried} tries, the last: {died}") from None
-                notes.append(f"item {index}: worker died in {op} ({died}), try {tried} of {self.attempts}")
+                    raise WorkerDied(last(died, tried)) from None
+                note(died, tried)
 
     def _ask(self, op: str, payload) -> tuple[object, str]:
         """The child's (answer, log) to one request; WorkerDied if it died meanwhile or gave no answer within
@@ -166,13 +175,9 @@ class Supervised:
     def _start(self) -> None:
         """A fresh child with the step built; one killed while it builds the step is replaced, up to
         `attempts` times, as the step's setup is no item's fault."""
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return self._start_once()
-            except WorkerDied as died:
-                if attempt == self.attempts:
-                    raise WorkerDied(f"{died} on {attempt} starts") from None
-                print(f"  worker died {died}; starting a fresh one", file=sys.stderr, flush=True)
+        self._retried(self._start_once,
+                      lambda died, _: print(f"  worker died {died}; starting a fresh one", file=sys.stderr, flush=True),
+                      lambda died, tried: f"{died} on {tried} starts")
 
     def _start_once(self) -> None:
         parent_end, child_end = _pipe()
