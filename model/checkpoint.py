@@ -2,6 +2,7 @@
 
     save_checkpoint(uri, fs, state, meta)          # state: a pytree of arrays (params, optimiser, step, rng)
     state, meta = load_checkpoint(uri, fs, like)   # like: a state of the same structure (eval_shape is enough)
+    meta = checkpoint_meta(uri, fs)                # the meta alone
 
 The file is an .npz: one array per leaf of the state in `jax.tree.flatten` order, and the JSON `meta`
 (data position, config and data hashes, ...). It appears under its name only once complete (temp name,
@@ -40,12 +41,22 @@ def save_checkpoint(uri: str, fs, state, meta: dict) -> None:
         f.write(buffer.getvalue())
 
 
+def checkpoint_meta(uri: str, fs) -> dict:
+    """The `meta` of the checkpoint at `uri`, without its arrays."""
+    with fs.open(uri, "rb") as f, np.load(f) as stored:
+        return _meta(stored)
+
+
+def _meta(stored) -> dict:
+    return json.loads(bytes(stored[_META]).decode())
+
+
 def load_checkpoint(uri: str, fs, like):
     """(state, meta) from `uri`, the state built in the structure of `like`; CheckpointError if the file's
     leaves differ from `like`'s in number, shape or dtype."""
     with fs.open(uri, "rb") as f:
         stored = np.load(io.BytesIO(f.read()))
-    meta = json.loads(bytes(stored[_META]).decode())
+    meta = _meta(stored)
     template, treedef = jax.tree.flatten(like)
     names = sorted(k for k in stored.files if k != _META)
     if len(names) != len(template):

@@ -21,7 +21,10 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +58,8 @@ VALIDATION_BATCH = 4  # validation recordings per device call
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = ("Defaults: configs/train.yaml. The best weights load wherever published ones do: "
                 "evaluate --model me-chunk:RUN_DIR, infer --weights RUN_DIR. Interrupted (Ctrl-C), a run saves a "
-                "checkpoint; --resume continues it exactly, and refuses if the settings or the data changed.")
+                "checkpoint when the step under way ends (a second Ctrl-C stops at once, without saving); --resume "
+                "continues it exactly, and refuses if the settings or the data changed.")
     p.add_argument("--input", dest="inputs", action="append", required=True, metavar="URI",
                    help="output root of `pulsepipe preprocess` or `augment` (manifest.parquet, shards/); repeatable")
     p.add_argument("--output", required=True, metavar="RUN_DIR", help="run folder (created; must be new unless --resume)")
@@ -352,49 +356,62 @@ class _Trainer:
         self.step = int(state["step"])
         self.config_hash = config_hash(config)
         self.journal = _Log(run / RUN_FILES["log"], self.step if request.resume else None, self.writes)
+        self.saved_step = self.step if request.resume else None  # the step of the checkpoint on disk
 
     # --- the loop
 
     def train(self, total: int) -> dict:
-        from model.train import shard_batch, train_step
-
         cfg = self.request.config
         start = sequences.DataPosition(*self.meta["position"])
         batches = sequences.iter_batches(self.data.index, cfg["batch_size"], cfg["seed"], start=start, part=self.part)
         bar = _progress_bar(total, self.step, self.request.progress and self.writes)
-        stop = None
         try:
-            while self.step < total and stop is None:
-                batch = next(batches)
-                started = time.perf_counter()
-                self.state, metrics = train_step(self.state, shard_batch(batch.arrays, self.mesh), self.hp,
-                                                 self.model_cfg)
-                metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step: the time is honest
-                seconds = time.perf_counter() - started
-                self.step += 1
-                self.meta["position"] = list(batch.next)
-                frames = cfg["batch_size"] * cfg["seq_len"]  # of the whole batch, every process's part
-                self.journal.write({"kind": "step", "step": self.step, "epoch": batch.position.epoch,
-                                    **metrics, "frames_per_s": round(frames / seconds, 1)})
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-                if self.step % cfg["validate_every"] == 0 or batch.next.epoch != batch.position.epoch:
-                    stop = self._validate(batch.position.epoch)
-                if self.step % cfg["checkpoint_every"] == 0:
-                    self._checkpoint()
-        except KeyboardInterrupt:
+            with _interrupt_between_steps() as interrupted:
+                stop = self._steps(total, batches, bar, interrupted)
+        except KeyboardInterrupt:  # a second Ctrl-C: at once, nothing saved
             bar.close()
+            self.journal.close()
+            kept = ("no checkpoint is saved yet" if self.saved_step is None else
+                    f"the checkpoint of step {self.saved_step} stands, which --resume continues")
+            raise JobError(f"interrupted twice at step {self.step}: stopped without saving; {kept}") from None
+        bar.close()
+        if interrupted:
             self._checkpoint()
             self.journal.close()
             raise JobError(f"interrupted at step {self.step}; the checkpoint is saved: run the same command with "
-                           "--resume to continue") from None
-        bar.close()
+                           "--resume to continue")
         if self.meta["best"]["step"] is None:  # no validation yet: measure the final weights
             self._validate(self.meta["position"][0])
         self._checkpoint()
         self.journal.close()
         self._finish(stop)
         return {"steps": self.step, "best": self.meta["best"], "run": str(self.run)}
+
+    def _steps(self, total: int, batches, bar, interrupted: list) -> str | None:
+        """Whole steps (and their validations and checkpoints) until `total`, a Ctrl-C (`interrupted` fills)
+        or an early stop; returns why it stopped early, or None."""
+        from model.train import shard_batch, train_step
+
+        cfg, stop = self.request.config, None
+        while self.step < total and stop is None and not interrupted:
+            batch = next(batches)
+            started = time.perf_counter()
+            self.state, metrics = train_step(self.state, shard_batch(batch.arrays, self.mesh), self.hp,
+                                             self.model_cfg)
+            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step: the time is honest
+            seconds = time.perf_counter() - started
+            self.step += 1
+            self.meta["position"] = list(batch.next)
+            frames = cfg["batch_size"] * cfg["seq_len"]  # of the whole batch, every process's part
+            self.journal.write({"kind": "step", "step": self.step, "epoch": batch.position.epoch,
+                                **metrics, "frames_per_s": round(frames / seconds, 1)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            if self.step % cfg["validate_every"] == 0 or batch.next.epoch != batch.position.epoch:
+                stop = self._validate(batch.position.epoch)
+            if self.step % cfg["checkpoint_every"] == 0:
+                self._checkpoint()
+        return stop
 
     def _validate(self, epoch: int) -> str | None:
         """Validate the current weights; keep them if best. Returns why to stop early, or None."""
@@ -435,6 +452,7 @@ class _Trainer:
         meta = {**self.meta, "step": self.step, "config_hash": self.config_hash,
                 "data_fingerprint": self.data.fingerprint}
         save_checkpoint(str(self.run / RUN_FILES["checkpoint"]), fsspec.filesystem("file"), self.state, meta)
+        self.saved_step = self.step
 
     # --- the end
 
@@ -447,6 +465,30 @@ class _Trainer:
         best = self.meta["best"]
         self.log((f"{stop}; " if stop else "") + f"trained to step {self.step}; best validation HR MAE "
                  f"{_bpm(best['mae'])} at step {best['step']}: evaluate --model me-chunk:{self.run}")
+
+
+@contextlib.contextmanager
+def _interrupt_between_steps():
+    """A Ctrl-C (SIGINT) during a step is held until the step ends: the list yielded fills, and the loop saves
+    a checkpoint of whole steps (one taken mid-step would pair a donated or updated state with the old data
+    position). A second Ctrl-C raises KeyboardInterrupt at once. Off the main thread (a Ray Train worker),
+    signals are not this process's to take: nothing changes. The notice goes straight to file descriptor 2:
+    a handler that printed while the loop was printing would make Python's buffered stream raise."""
+    interrupted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def hold(signum, _frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, previous)
+        os.write(2, b"interrupted: saving a checkpoint when this step ends (Ctrl-C again to stop without saving)\n")
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _bpm(mae: float | None) -> str:
@@ -492,7 +534,8 @@ def run_train_on_ray(request: TrainRequest, workers: int, ray_address: str | Non
     """run_train in `workers` Ray Train workers, one process of a `jax.distributed` run each. The request is
     checked here first, as run_train checks it, so a bad one ends before any worker starts; the driver holds
     the run folder's lock for them all."""
-    from pipelines.engines.ray_train import run_workers
+    from model.checkpoint import checkpoint_meta
+    from pipelines.engines.ray_train import Interrupted, run_workers
 
     cfg = request.config
     check_init(request.init, network(cfg))
@@ -504,7 +547,14 @@ def run_train_on_ray(request: TrainRequest, workers: int, ray_address: str | Non
     request = dataclasses.replace(request, output=str(run.resolve()), progress=False)  # workers: no bar
     log(f"training in {workers} Ray Train workers" + (f" on the cluster at {ray_address}" if ray_address else ""))
     with claimed_output(str(run), log=log):
-        return run_workers(_train_in_worker, {"request": request}, workers, ray_address)
+        try:
+            return run_workers(_train_in_worker, {"request": request}, workers, ray_address)
+        except Interrupted as e:  # the workers saved what their checkpoint_every saved
+            saved = run / RUN_FILES["checkpoint"]
+            kept = ("no checkpoint is saved yet" if not saved.is_file() else
+                    f"the checkpoint of step {checkpoint_meta(str(saved), fsspec.filesystem('file'))['step']} "
+                    "stands, which --resume continues")
+            raise JobError(f"{e}; {kept}") from None
 
 
 def _train_in_worker(config: dict) -> dict:

@@ -1,6 +1,7 @@
 """The engine adapters: one step class, the same results in input order on Beam and on Ray."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -173,6 +174,17 @@ class DyingLostStep(NamedStep):
         return super().lost(item, reason)
 
 
+class DyingStartStep(NamedStep):
+    """NamedStep whose set-up kills its process the first `deaths` times (counted in files)."""
+
+    def __init__(self, offset: int, marks: str, deaths: int):
+        died = len(list(Path(marks).iterdir()))
+        if died < deaths:
+            (Path(marks) / str(died)).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().__init__(offset)
+
+
 def named(xs) -> list[dict]:
     return [{"x": x, "recording_id": f"r{x}"} for x in xs]
 
@@ -218,6 +230,24 @@ def test_a_worker_that_dies_recording_a_lost_item_is_replaced_up_to_3_times(tmp_
     with pytest.raises(Exception, match=r"worker died in lost\(.*\) of item 1 on each of 3 tries, the last: signal 9"):
         run_step(DyingLostStep, {**kwargs, "deaths": 99}, named(range(3)), EngineOptions("beam", workers=1),
                  str(tmp_path / "work"))
+
+
+def test_a_worker_killed_while_it_sets_up_is_started_again_up_to_3_times(tmp_path, capsys):
+    from pipelines.engines.supervisor import Supervised, WorkerDied, step_ref
+
+    ref = step_ref(DyingStartStep)
+    (tmp_path / "marks").mkdir()
+    kwargs = {"offset": 1, "marks": str(tmp_path / "marks"), "deaths": 2}
+    worker = Supervised(ref, kwargs)  # its step's set-up is no item's fault: the third start is the one
+    try:
+        answer = json.loads(worker.answer(json.dumps({"index": 0, "item": {"x": 3, "recording_id": "r3"}})))
+    finally:
+        worker.close()
+    assert answer["result"]["y"] == 10
+    assert capsys.readouterr().err.count(f"worker died while starting {ref}: signal 9; starting a fresh one") == 2
+    with pytest.raises(WorkerDied, match=rf"^while starting {ref}: signal 9 on 3 starts$"):
+        Supervised(ref, {**kwargs, "deaths": 99})
+    assert len(list((tmp_path / "marks").iterdir())) == 5  # 2, then 3 more deaths
 
 
 def test_the_step_runs_in_one_child_per_worker_that_outlives_items(tmp_path):

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import fsspec
 import numpy as np
@@ -95,6 +99,53 @@ def test_a_resumed_run_in_a_new_process_is_bit_identical_to_one_never_stopped(da
     assert losses(straight) == losses(stopped) and len(losses(straight)) == 2
 
 
+def test_ctrl_c_saves_a_checkpoint_of_whole_steps_that_resume_continues_bit_for_bit(data_root, tmp_path):
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    config = tmp_path / "quick.yaml"
+    config.write_text(yaml.safe_dump(QUICK))
+    train = [sys.executable, "-m", "pipelines.cli", "train", "--input", str(data_root), "--config", str(config),
+             "--no-progress"]
+    proc = subprocess.Popen([*train, "--output", str(stopped), "--steps", "50"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (stopped / "log.jsonl").is_file() or not (stopped / "log.jsonl").read_text():  # a step is done
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never stepped"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # held until the step under way ends
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    assert "interrupted: saving a checkpoint when this step ends" in err
+    done = re.fullmatch(r"pulsepipe train: error: interrupted at step (\d+); the checkpoint is saved: run the same "
+                        r"command with --resume to continue", err.strip().splitlines()[-1])
+    assert done, err[-3000:]
+    n = int(done.group(1))
+    assert 1 <= n < 50 and [r["step"] for r in read_log(stopped) if r["kind"] == "step"] == list(range(1, n + 1))
+    run_train(request(data_root, stopped, steps=n + 1, resume=True), log=lambda *_: None)
+    run_train(request(data_root, straight, steps=n + 1), log=lambda *_: None)
+    a, b = checkpoint_arrays(straight), checkpoint_arrays(stopped)
+    a.pop("__meta__"), b.pop("__meta__")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    losses = lambda run: [r["loss"] for r in read_log(run) if r["kind"] == "step"]  # noqa: E731
+    assert losses(stopped) == losses(straight)
+
+
+def test_a_first_ctrl_c_is_held_for_the_step_and_a_second_stops_at_once(capfd):
+    from pipelines.train import _interrupt_between_steps
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a CLI run
+    with pytest.raises(KeyboardInterrupt), _interrupt_between_steps() as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs between bytecodes, here at once
+        assert interrupted == [signal.SIGINT], "held: the step goes on"
+        assert "saving a checkpoint when this step ends" in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+    assert signal.signal(signal.SIGINT, before) is signal.default_int_handler, "the handler is put back"
+
+
 def test_resume_refuses_changed_settings_or_data_and_a_used_folder_needs_resume(data_root, tmp_path, capsys):
     run = tmp_path / "run"
     run_train(request(data_root, run, steps=1), log=lambda *_: None)
@@ -145,6 +196,18 @@ def test_lr_zero_keeps_the_published_model_and_its_weights_load_everywhere(data_
     assert {r["kind"] for r in read_log(run)} == {"step", "validation"}
 
 
+def test_early_stopping_ends_the_run_after_patience_validations_without_a_better_mae(data_root, tmp_path):
+    # lr 0: every validation scores the same MAE, which is not better, so each after the first is stale
+    run, lines = tmp_path / "run", []
+    config = settings(lr=0.0, validate_every=1, early_stop_patience=2)
+    result = run_train(request(data_root, run, steps=10, config=config), log=lines.append)
+    assert result["steps"] == 3 and result["best"]["step"] == 1
+    validations = [r for r in read_log(run) if r["kind"] == "validation"]
+    assert [r["step"] for r in validations] == [1, 2, 3] and len({r["mae"] for r in validations}) == 1
+    assert lines[-1].startswith("early stop: 2 validations without a better MAE; trained to step 3")
+    assert json.loads((run / "model_card.json").read_text())["step"] == 3
+
+
 def test_a_reduced_architecture_trains_from_scratch_and_its_run_loads_as_that_network(data_root, tmp_path):
     import model
     from model.config import architecture
@@ -182,7 +245,7 @@ def test_an_architecture_the_init_cannot_fill_is_refused_before_any_work(data_ro
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path):
     import jax.numpy as jnp
 
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
 
     fs = fsspec.filesystem("file")
     uri = str(tmp_path / "checkpoint.npz")
@@ -206,5 +269,5 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path):
         save_checkpoint(uri, fs, {"w": jnp.zeros(4), "step": jnp.int32(9)}, {"step": 9})
     fs.open = real_open
     got, meta = load_checkpoint(uri, fs, state)
-    assert meta == {"step": 3} and np.array_equal(got["w"], np.arange(4.0))
+    assert meta == {"step": 3} == checkpoint_meta(uri, fs) and np.array_equal(got["w"], np.arange(4.0))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.npz"], "no temp file is left"

@@ -3,8 +3,10 @@ as one process does (slow: Ray, two workers compiling the step)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +61,30 @@ def test_a_batch_that_does_not_split_over_the_workers_is_refused_before_ray_star
         f"pulsepipe train: error: {config}: batch_size 3 does not split into 2 processes' equal parts of whole "
         "micro-batches (the whole part); use a multiple of 2"]
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_stops_the_workers_in_one_line_naming_the_checkpoint_that_stands(tmp_path):
+    data = tmp_path / "data"
+    write_pulse_root(data)
+    config = tmp_path / "quick.yaml"
+    config.write_text(yaml.safe_dump({**QUICK, "checkpoint_every": 2}))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--input", str(data), "--output", str(run),
+                             "--config", str(config), "--steps", "40", "--no-progress", "--workers", "2"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (run / "log.jsonl").is_file() or len((run / "log.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never stepped"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    with np.load(run / "checkpoint.npz") as f:
+        step = json.loads(bytes(f["__meta__"]).decode())["step"]
+    assert step >= 2 and step % 2 == 0  # one of checkpoint_every's
+    assert err.strip().splitlines()[-1] == (f"pulsepipe train: error: interrupted: the training workers are stopped; "
+                                            f"the checkpoint of step {step} stands, which --resume continues")
+    assert not (run / ".pulsepipe.lock").exists()

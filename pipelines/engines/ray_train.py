@@ -25,10 +25,14 @@ NOISE = re.compile(rb"^\S*\((TrainController|PlacementGroupCleaner) pid=|.*(Repo
                    rb"distributed service on|\[Gloo\] Rank|core_worker\.cc:\d+: Actor with class name)")
 
 
+class Interrupted(EngineError):
+    """Ctrl-C while the workers ran: Ray Train has stopped them."""
+
+
 def run_workers(loop, config: dict, workers: int, ray_address: str | None = None, gpus_per_worker: float = 0,
                 cpus_per_worker: float = 1) -> dict:
     """loop(config) -> dict in each of `workers` Ray Train workers; returns process 0's dict. EngineError
-    (one line) for a worker that failed, with its error."""
+    (one line) for a worker that failed, with its error; Interrupted after a Ctrl-C."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.jax import JaxConfig, JaxTrainer
 
@@ -49,6 +53,8 @@ def run_workers(loop, config: dict, workers: int, ray_address: str | None = None
         try:
             with stderr_without(NOISE), stderr_without(NOISE, fd=1):
                 result = trainer.fit()
+        except (KeyboardInterrupt, SystemExit):  # Ray's wait for the controller turns a Ctrl-C into SystemExit(1)
+            raise Interrupted("interrupted: the training workers are stopped") from None
         except Exception as e:  # noqa: BLE001 - Ray Train wraps the worker's error: say it in one line
             raise EngineError(f"a training worker failed: {_first_line(e)}") from None
         if result.error is not None:
