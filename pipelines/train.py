@@ -356,7 +356,6 @@ class _Trainer:
         self.step = int(state["step"])
         self.config_hash = config_hash(config)
         self.journal = _Log(run / RUN_FILES["log"], self.step if request.resume else None, self.writes)
-        self.saved_step = self.step if request.resume else None  # the step of the checkpoint on disk
 
     # --- the loop
 
@@ -371,9 +370,8 @@ class _Trainer:
         except KeyboardInterrupt:  # a second Ctrl-C: at once, nothing saved
             bar.close()
             self.journal.close()
-            kept = ("no checkpoint is saved yet" if self.saved_step is None else
-                    f"the checkpoint of step {self.saved_step} stands, which --resume continues")
-            raise JobError(f"interrupted twice at step {self.step}: stopped without saving; {kept}") from None
+            raise JobError(f"interrupted twice at step {self.step}: stopped without saving; "
+                           f"{standing_checkpoint(self.run)}") from None
         bar.close()
         if interrupted:
             self._checkpoint()
@@ -452,7 +450,6 @@ class _Trainer:
         meta = {**self.meta, "step": self.step, "config_hash": self.config_hash,
                 "data_fingerprint": self.data.fingerprint}
         save_checkpoint(str(self.run / RUN_FILES["checkpoint"]), fsspec.filesystem("file"), self.state, meta)
-        self.saved_step = self.step
 
     # --- the end
 
@@ -489,6 +486,17 @@ def _interrupt_between_steps():
         yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def standing_checkpoint(run: Path) -> str:
+    """What a run stopped without saving leaves: the step of the checkpoint in its folder, if any."""
+    from model.checkpoint import checkpoint_meta
+
+    saved = run / RUN_FILES["checkpoint"]
+    if not saved.is_file():
+        return "no checkpoint is saved yet"
+    step = checkpoint_meta(str(saved), fsspec.filesystem("file"))["step"]
+    return f"the checkpoint of step {step} stands, which --resume continues"
 
 
 def _bpm(mae: float | None) -> str:
@@ -534,7 +542,6 @@ def run_train_on_ray(request: TrainRequest, workers: int, ray_address: str | Non
     """run_train in `workers` Ray Train workers, one process of a `jax.distributed` run each. The request is
     checked here first, as run_train checks it, so a bad one ends before any worker starts; the driver holds
     the run folder's lock for them all."""
-    from model.checkpoint import checkpoint_meta
     from pipelines.engines.ray_train import Interrupted, run_workers
 
     cfg = request.config
@@ -550,11 +557,7 @@ def run_train_on_ray(request: TrainRequest, workers: int, ray_address: str | Non
         try:
             return run_workers(_train_in_worker, {"request": request}, workers, ray_address)
         except Interrupted as e:  # the workers saved what their checkpoint_every saved
-            saved = run / RUN_FILES["checkpoint"]
-            kept = ("no checkpoint is saved yet" if not saved.is_file() else
-                    f"the checkpoint of step {checkpoint_meta(str(saved), fsspec.filesystem('file'))['step']} "
-                    "stands, which --resume continues")
-            raise JobError(f"{e}; {kept}") from None
+            raise JobError(f"{e}; {standing_checkpoint(run)}") from None
 
 
 def _train_in_worker(config: dict) -> dict:

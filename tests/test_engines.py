@@ -159,29 +159,31 @@ class NamedModelStep(NamedStep):
         return [{"things": [item]} for item in bucket["things"]]
 
 
+def die_the_first(marks: str, deaths: int) -> None:
+    """SIGKILL this process the first `deaths` times it is called, counted in files under `marks`."""
+    died = len(list(Path(marks).iterdir()))
+    if died < deaths:
+        (Path(marks) / str(died)).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class DyingLostStep(NamedStep):
-    """NamedStep whose `lost` kills its process the first `deaths` times it is asked (counted in files)."""
+    """NamedStep whose `lost` kills its process the first `deaths` times it is asked."""
 
     def __init__(self, offset: int, marks: str, deaths: int):
         super().__init__(offset)
-        self.marks, self.deaths = Path(marks), deaths
+        self.marks, self.deaths = marks, deaths
 
     def lost(self, item: dict, reason: str) -> dict:
-        died = len(list(self.marks.iterdir()))
-        if died < self.deaths:
-            (self.marks / str(died)).touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+        die_the_first(self.marks, self.deaths)
         return super().lost(item, reason)
 
 
 class DyingStartStep(NamedStep):
-    """NamedStep whose set-up kills its process the first `deaths` times (counted in files)."""
+    """NamedStep whose set-up kills its process the first `deaths` times."""
 
     def __init__(self, offset: int, marks: str, deaths: int):
-        died = len(list(Path(marks).iterdir()))
-        if died < deaths:
-            (Path(marks) / str(died)).touch()
-            os.kill(os.getpid(), signal.SIGKILL)
+        die_the_first(marks, deaths)
         super().__init__(offset)
 
 

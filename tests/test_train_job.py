@@ -123,6 +123,10 @@ def test_ctrl_c_saves_a_checkpoint_of_whole_steps_that_resume_continues_bit_for_
     assert done, err[-3000:]
     n = int(done.group(1))
     assert 1 <= n < 50 and [r["step"] for r in read_log(stopped) if r["kind"] == "step"] == list(range(1, n + 1))
+    from pipelines.train import standing_checkpoint  # what a second Ctrl-C would have said
+
+    assert standing_checkpoint(stopped) == f"the checkpoint of step {n} stands, which --resume continues"
+    assert standing_checkpoint(tmp_path) == "no checkpoint is saved yet"
     run_train(request(data_root, stopped, steps=n + 1, resume=True), log=lambda *_: None)
     run_train(request(data_root, straight, steps=n + 1), log=lambda *_: None)
     a, b = checkpoint_arrays(straight), checkpoint_arrays(stopped)
@@ -136,13 +140,17 @@ def test_a_first_ctrl_c_is_held_for_the_step_and_a_second_stops_at_once(capfd):
     from pipelines.train import _interrupt_between_steps
 
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a CLI run
-    with pytest.raises(KeyboardInterrupt), _interrupt_between_steps() as interrupted:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)  # the handler runs between bytecodes, here at once
+    with _interrupt_between_steps() as interrupted:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs between bytecodes, here at once
+        except KeyboardInterrupt:
+            pytest.fail("the first Ctrl-C was not held")
         assert interrupted == [signal.SIGINT], "held: the step goes on"
         assert "saving a checkpoint when this step ends" in capfd.readouterr().err
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
     assert signal.signal(signal.SIGINT, before) is signal.default_int_handler, "the handler is put back"
 
 
